@@ -169,7 +169,7 @@ def test_fmt_end_to_end_on_onnxruntime(tmp_path):
     spec_m = get("fmt")
     out = spec_m.fn(_inputs(gm, tr, spec), spec_m.config_cls(epochs=8, n_pairs=1500, batch_size=256, select="last"))
     info = out.info
-    assert "selection" not in info
+    assert "selection" not in info and not info["labels_used"]
     assert info["labels_used"] is False and info["cut_shape"] == [8]
     assert info["slice"]["tunable_weights"] < info["slice"]["prefix_weights"]
     # weights outside the slice are bit-identical to the original model's, the suffix too
@@ -199,8 +199,9 @@ def test_fmt_selection_returns_the_epoch_it_reports():
 
     tr, _, spec, gm = _fixture()
     m = get("fmt")
-    out = m.fn(_inputs(gm, tr, spec), m.config_cls(epochs=6, n_pairs=1500, batch_size=256, lr=1e-4, select_max_drop=1.0))
+    out = m.fn(_inputs(gm, tr, spec), m.config_cls(epochs=6, n_pairs=1500, batch_size=256, lr=1e-4, select="fairness", select_max_drop=1.0))
     sel = out.info["selection"]
+    assert out.info["labels_used"]
     assert sel["rows"] == "train" and sel["strategy"] == FairnessSelector.name and len(sel["epochs"]) == 7
     eligible = [e for e in sel["epochs"] if e["score"] is not None]
     assert all(e["accuracy_drop_points"] <= 1.0 + 1e-9 for e in eligible)
@@ -210,7 +211,7 @@ def test_fmt_selection_returns_the_epoch_it_reports():
     again = FairnessSelector(tr.x, tr.y, spec).metrics(ctx)
     for k in ("accuracy", "abs_spd", "aaod", "abs_eod"):
         assert again[k] == pytest.approx(chosen[k], abs=1e-12), k
-    strict = m.fn(_inputs(gm, tr, spec), m.config_cls(epochs=6, n_pairs=1500, batch_size=256, select_max_drop=0.0))
+    strict = m.fn(_inputs(gm, tr, spec), m.config_cls(epochs=6, n_pairs=1500, batch_size=256, select="fairness", select_max_drop=0.0))
     kept = next(e for e in strict.info["selection"]["epochs"] if e["epoch"] == strict.info["selection"]["selected_epoch"])
     assert kept["accuracy_drop_points"] <= 1e-9
     if strict.info["selection"]["selected_epoch"] == 0:
