@@ -57,7 +57,8 @@ def _identity(inputs, cfg) -> MethodOutput:
 def test_fmt_cli_end_to_end_keeps_interface(tmp_path):
     out, rep = tmp_path / "fair.onnx", tmp_path / "report.json"
     rc = main(["repair", str(ADULT), "--method", "fmt", "--data", str(TRAIN), "--val", str(TEST), "--target", "income",
-               "--protected", "sex", "-o", str(out), "--report", str(rep), "--quiet", "--force", "--epochs", "5", "--provider", "cpu"])
+               "--protected", "sex", "-o", str(out), "--report", str(rep), "--quiet", "--force", "--epochs", "5", "--provider", "cpu",
+               "--select", "fairness"])
     assert rc == 0 and out.exists() and rep.exists()
     a, b = onnx.load(str(ADULT)), onnx.load(str(out))
     assert [(s.name, s.elem_type) for s in graph_inputs(a)] == [(s.name, s.elem_type) for s in graph_inputs(b)]
@@ -132,6 +133,13 @@ def test_output_equal_to_input_is_refused(tmp_path, capsys):
 def test_unknown_method_option_is_a_usage_error(tmp_path, capsys):
     rc = main(["repair", str(ADULT), "--method", "fmt", "--data", str(TRAIN), "--target", "income", "--protected", "sex", "-o", str(tmp_path / "o.onnx"), "--bogus", "1"])
     assert rc == 2 and "has no option --bogus" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_root_option_after_the_command_says_where_it_goes(tmp_path, capsys):
+    rc = main(["repair", str(ADULT), "--method", "fmt", "--data", str(TRAIN), "--target", "income", "--protected", "sex", "-o", str(tmp_path / "o.onnx"), "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--threads is an option of onnxrepair itself" in err[0]
     assert not (tmp_path / "o.onnx").exists()
 
 

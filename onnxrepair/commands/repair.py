@@ -19,8 +19,9 @@ from ..progress import Reporter
 from . import _options
 
 
-def _parse_method_options(args: list[str]) -> dict[str, str]:
-    """``["--epochs", "3", "--mode=single", "--flag"]`` -> {"epochs": "3", "mode": "single", "flag": "true"}."""
+def _parse_method_options(args: list[str], global_options: frozenset[str] = frozenset()) -> dict[str, str]:
+    """``["--epochs", "3", "--mode=single", "--flag"]`` -> {"epochs": "3", "mode": "single", "flag": "true"}.
+    An option of the root command given after ``repair`` gets a message saying where it goes."""
     opts: dict[str, str] = {}
     i = 0
     while i < len(args):
@@ -28,6 +29,8 @@ def _parse_method_options(args: list[str]) -> dict[str, str]:
         if not a.startswith("--"):
             raise UsageError(f"unexpected argument {a!r}; method options are given as --name value")
         key = a[2:]
+        if key.split("=", 1)[0] in global_options:
+            raise UsageError(f"{a.split('=', 1)[0]} is an option of onnxrepair itself: give it before the command (onnxrepair {a.split('=', 1)[0]} ... repair ...)")
         if "=" in key:
             key, val = key.split("=", 1)
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
@@ -71,7 +74,9 @@ def repair_cmd(
     from ..repair import repair
 
     spec = registry.get(method)
-    cfg = registry.make_config(spec, _parse_method_options(list(ctx.args)))
+    root = ctx.find_root().command
+    global_options = frozenset(o[2:] for p in root.params for o in p.opts if o.startswith("--"))
+    cfg = registry.make_config(spec, _parse_method_options(list(ctx.args), global_options))
     contract = _options.build_contract(model, layout=layout, scale=scale, mean=mean, std=std, config=config)
     train = _options.load_data(data, contract, target=target, protected=protected).limit(limit, seed)
     val_ds = _options.load_data(val, contract, target=target, protected=protected) if val is not None else None
