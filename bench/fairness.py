@@ -105,7 +105,7 @@ def run_dataset(args: argparse.Namespace, name: str, seed: int, methods: list[st
     """Encode, split, train and export one data set; repair and evaluate each of its tasks."""
     rows = []
     csv_path = tmp / f"{name}.csv"
-    ENCODERS[name](Path(args.data_dir) / name, csv_path)
+    ENCODERS[name](Path(args.data_dir) / name, csv_path, categorical=args.categorical)
     full = load_csv(csv_path, TARGETS[name], list(PROTECTED[name]))
     train, test = full.split(0.3, seed=seed)
     train = train.limit(args.max_train or None, seed=seed)
@@ -175,6 +175,8 @@ def main() -> None:
                     help="fmt-MODE = the tool's FMT defaults, which are the paper's procedure (restore per epoch, last epoch); "
                          "-select adds the opt-in epoch selection on the training rows within --select-max-drop; "
                          "-step restores weights outside the slice after every step")
+    ap.add_argument("--categorical", choices=("onehot", "ordinal"), default="onehot",
+                    help="how the encoders code categorical columns (ordinal: one integer column each, as in the ADF/FMT benchmark data)")
     ap.add_argument("--train-epochs", type=int, default=20, help="epochs to train the original MLP")
     ap.add_argument("--min-train-steps", type=int, default=1500, help="raise the epochs of small data sets (German) to at least this many steps")
     ap.add_argument("--fmt-epochs", type=int, default=50)

@@ -95,3 +95,24 @@ def test_german_encoder(tmp_path):
     d = ds.x[:, ds.columns.index("duration")]
     assert abs(d.mean()) < 1e-3 and d.std() == pytest.approx(1, abs=1e-3)
     assert any(r.startswith("sex:") for r in recipe)
+    ENCODERS["german"](RAW / "german", tmp_path / "o.csv", categorical="ordinal")
+    od = load_csv(tmp_path / "o.csv", "credit", ["age", "sex"])
+    assert od.x.shape == (1000, 20) and od.y.tolist() == ds.y.tolist()
+    assert set(np.unique(od.x[:, od.columns.index("purpose")])) == set(range(10))  # A40..A410, all ten kept
+
+
+def test_encoder_categorical_onehot_and_ordinal(tmp_path):
+    from onnxrepair.data.tabular import _Encoder
+
+    vals = ["b", "a", "b", "c", "b", "a"]
+    one = _Encoder("onehot")
+    one.onehot("col", vals, 2)
+    assert [n for n, _ in one.cols] == ["col=b", "col=a", "col=other"]
+    assert one.cols[0][1].tolist() == [1, 0, 1, 0, 1, 0] and one.cols[2][1].tolist() == [0, 0, 0, 1, 0, 0]
+    ordi = _Encoder("ordinal")
+    ordi.onehot("col", vals, 2)  # k does not cut an ordinal column: every value keeps its own code
+    assert [n for n, _ in ordi.cols] == ["col"]
+    assert ordi.cols[0][1].tolist() == [0, 1, 0, 2, 0, 1]  # 0 = most frequent, ties by value
+    assert ordi.recipe == ["col: ordinal by frequency, 0 = b, 1 = a, 2 = c"]
+    with pytest.raises(UsageError, match="onehot or ordinal"):
+        _Encoder("binary")
