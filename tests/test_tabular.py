@@ -106,11 +106,11 @@ def test_encoder_categorical_onehot_and_ordinal(tmp_path):
 
     vals = ["b", "a", "b", "c", "b", "a"]
     one = _Encoder("onehot")
-    one.onehot("col", vals, 2)
+    one.categorical_column("col", vals, 2)
     assert [n for n, _ in one.cols] == ["col=b", "col=a", "col=other"]
     assert one.cols[0][1].tolist() == [1, 0, 1, 0, 1, 0] and one.cols[2][1].tolist() == [0, 0, 0, 1, 0, 0]
     ordi = _Encoder("ordinal")
-    ordi.onehot("col", vals, 2)  # k does not cut an ordinal column: every value keeps its own code
+    ordi.categorical_column("col", vals, 2)  # k does not cut an ordinal column: every value keeps its own code
     assert [n for n, _ in ordi.cols] == ["col"]
     assert ordi.cols[0][1].tolist() == [0, 1, 0, 2, 0, 1]  # 0 = most frequent, ties by value
     assert ordi.recipe == ["col: ordinal by frequency, 0 = b, 1 = a, 2 = c"]

@@ -29,8 +29,9 @@ def _parse_method_options(args: list[str], global_options: frozenset[str] = froz
         if not a.startswith("--"):
             raise UsageError(f"unexpected argument {a!r}; method options are given as --name value")
         key = a[2:]
-        if key.split("=", 1)[0] in global_options:
-            raise UsageError(f"{a.split('=', 1)[0]} is an option of onnxrepair itself: give it before the command (onnxrepair {a.split('=', 1)[0]} ... repair ...)")
+        name = key.split("=", 1)[0]
+        if name in global_options:
+            raise UsageError(f"--{name} is an option of onnxrepair itself: give it before the command (onnxrepair --{name} ... repair ...)")
         if "=" in key:
             key, val = key.split("=", 1)
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):

@@ -185,7 +185,7 @@ class _Encoder:
         self.cols.append((name, (v - mu) / (sd if sd > 0 else 1.0)))
         self.recipe.append(f"{name}: {'log1p, ' if log1p else ''}standardised (mean {mu:.4g}, std {sd:.4g})")
 
-    def onehot(self, name: str, values: Sequence[str], k: int) -> None:
+    def categorical_column(self, name: str, values: Sequence[str], k: int) -> None:
         """One-hot over the ``k`` most frequent values (+ other), or one ordinal column (see the module doc)."""
         counts = Counter(values)
         ranked = [v for v, _ in sorted(counts.items(), key=lambda t: (-t[1], t[0]))]
@@ -261,10 +261,10 @@ def encode_adult(raw_dir: str | os.PathLike, out: str | os.PathLike, *, include_
     e.binary("sex", np.array([v == "Male" for v in g("sex")]), "1 = Male, 0 = Female")
     e.binary("race", np.array([v == "White" for v in g("race")]), "1 = White, 0 = other races")
     e.binary("native-country", np.array([v == "United-States" for v in g("native-country")]), "1 = United-States")
-    e.onehot("workclass", g("workclass"), 4)
-    e.onehot("marital-status", g("marital-status"), 3)
-    e.onehot("occupation", g("occupation"), 8)
-    e.onehot("relationship", g("relationship"), 5)
+    e.categorical_column("workclass", g("workclass"), 4)
+    e.categorical_column("marital-status", g("marital-status"), 3)
+    e.categorical_column("occupation", g("occupation"), 8)
+    e.categorical_column("relationship", g("relationship"), 5)
     y = np.array([v == ">50K" for v in g("income")])
     e.write(out, "income", y, rows)
     return e.recipe + ["income: 1 = >50K (favourable), 0 = <=50K", "dropped: fnlwgt, education (education-num kept)"]
@@ -295,7 +295,7 @@ def encode_german(raw_dir: str | os.PathLike, out: str | os.PathLike, *, rows: n
     e.binary("foreign_worker", np.array([v == "A201" for v in g("foreign_worker")]), "1 = foreign worker (A201)")
     for c, k in (("checking", 4), ("credit_history", 5), ("purpose", 5), ("savings", 5), ("employment", 5),
                  ("other_debtors", 3), ("property", 4), ("other_installment", 3), ("housing", 3), ("job", 4)):
-        e.onehot(c, g(c), k)
+        e.categorical_column(c, g(c), k)
     y = np.array([v == "1" for v in g("credit")])
     e.write(out, "credit", y, rows)
     return e.recipe + ["credit: 1 = good (favourable), 0 = bad"]
