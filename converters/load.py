@@ -161,3 +161,16 @@ def graph_inputs(model: onnx.ModelProto) -> list[TensorSpec]:
 
 def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:
     return [_spec(v) for v in model.graph.output]
+
+
+_PASS_THROUGH = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
+
+
+def output_source_op(model: onnx.ModelProto, index: int = 0) -> str | None:
+    """The op type that computes graph output ``index``, looking through identities, reshapes and
+    casts (``Sigmoid`` for a ``Sigmoid -> Reshape`` tail); ``None`` when no node computes it."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    name = model.graph.output[index].name
+    while name in producer and producer[name].op_type in _PASS_THROUGH and producer[name].input:
+        name = producer[name].input[0]
+    return producer[name].op_type if name in producer else None

@@ -1,8 +1,11 @@
 """Fairness evaluation of exported models on onnxruntime (the verdict is made on the file, never the
 torch graph). Metrics: :mod:`onnxrepair.metrics`; counterfactual pairs: :func:`onnxrepair.methods.fmt.counterfactual_pairs`.
 
-Predictions are the argmax of the model's first output (logits or probabilities alike); a model with
-a single output column is read as P(class 1) when its values lie in [0, 1], else as a logit.
+Predictions come from the model's first output, read the way :func:`output_reading` says: integer
+labels as they are, several columns by argmax (logits or probabilities alike), a single column as
+P(class 1) > 0.5 when it comes out of a Sigmoid, else as a logit > 0. The reading is decided from the
+graph, once per model, so a model's predictions on data rows and on counterfactual pairs are read the
+same way; only a session whose graph is not at hand falls back to the value range of the data rows.
 """
 
 from __future__ import annotations
@@ -21,14 +24,53 @@ from .runtime import Session, make_session
 ModelRef = Union[str, os.PathLike, Session]
 
 
-def predict(session: Session, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+def output_reading(session: Session) -> str | None:
+    """How the first output gives a class: ``label`` (an integer output: the classes themselves),
+    ``scores`` (several columns: argmax), ``probability`` (one column out of a Sigmoid, through
+    reshapes), ``logit`` (one column from anything else); ``None`` when a single column's origin
+    cannot be read because the session was not made from a file or bytes."""
+    out = session.sess.get_outputs()[0]
+    if "int" in out.type:
+        return "label"
+    last = out.shape[-1] if len(out.shape) >= 2 else 1
+    if not isinstance(last, int):
+        return None  # symbolic class dimension: only the values can tell
+    if last > 1:
+        return "scores"
+    if session.source is None:
+        return None
+    import onnx
+
+    from converters.load import output_source_op
+
+    src = session.source
+    model = onnx.load_from_string(src) if isinstance(src, bytes) else onnx.load(src, load_external_data=False)
+    return "probability" if output_source_op(model) == "Sigmoid" else "logit"
+
+
+def reading_from_values(out: np.ndarray) -> str:
+    """The fallback of :func:`output_reading`: judge by the values (one column in [0, 1] = probability)."""
+    if np.issubdtype(out.dtype, np.integer):
+        return "label"
+    out = out.reshape(len(out), -1)
+    if out.shape[1] > 1:
+        return "scores"
+    return "probability" if out.size and out.min() >= 0 and out.max() <= 1 else "logit"
+
+
+def labels_from_output(out: np.ndarray, reading: str) -> np.ndarray:
+    if reading == "label":
+        return out.reshape(len(out)).astype(np.int64)
+    out = out.reshape(len(out), -1)
+    if reading == "scores":
+        return out.argmax(axis=1).astype(np.int64)
+    return (out[:, 0] > (0.5 if reading == "probability" else 0.0)).astype(np.int64)
+
+
+def predict(session: Session, x: np.ndarray, batch_size: int = 1024, reading: str | None = None) -> np.ndarray:
+    """Predicted classes of ``x``; ``reading`` as :func:`output_reading` returns it (found when not given)."""
     out = session.run_batched(np.asarray(x, dtype=np.float32), batch_size=batch_size)
-    out = out.reshape(len(x), -1)
-    if out.shape[1] == 1:
-        v = out[:, 0]
-        thr = 0.5 if (v.min() >= 0 and v.max() <= 1) else 0.0
-        return (v > thr).astype(np.int64)
-    return out.argmax(axis=1).astype(np.int64)
+    return labels_from_output(out, reading or output_reading(session) or reading_from_values(out))
 
 
 def _named(models: ModelRef | Sequence[ModelRef] | Mapping[str, ModelRef]) -> dict[str, ModelRef]:
@@ -87,10 +129,13 @@ def evaluate_fairness(
         n_in = sess.sess.get_inputs()[0].shape
         if len(n_in) == 2 and isinstance(n_in[1], int) and n_in[1] != x.shape[1]:
             raise DataError(f"{name}: the model takes {n_in[1]} features but the data has {x.shape[1]}")
-        pred = predict(sess, x, batch_size)
+        out = sess.run_batched(x, batch_size=batch_size)
+        reading = output_reading(sess) or reading_from_values(out)  # one reading per model, for rows and pairs alike
+        pred = labels_from_output(out, reading)
         rep = fairness_report(dataset.y, pred, col, protected.privileged, protected.unprivileged, favorable,
-                              pair_preds=(predict(sess, pa, batch_size), predict(sess, pb, batch_size)))
-        rep["idr_data"] = individual_discrimination_rate(predict(sess, orig, batch_size), predict(sess, flipped, batch_size))
+                              pair_preds=(predict(sess, pa, batch_size, reading), predict(sess, pb, batch_size, reading)))
+        rep["idr_data"] = individual_discrimination_rate(predict(sess, orig, batch_size, reading), predict(sess, flipped, batch_size, reading))
+        rep["output_reading"] = reading
         rep["provider"] = sess.provider
         rep["protected"] = {"column": protected.column, "privileged": protected.privileged, "unprivileged": protected.unprivileged}
         results[name] = rep

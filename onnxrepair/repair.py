@@ -72,10 +72,15 @@ def split_data(train: ArrayDataset, val: ArrayDataset | None, seed: int, heldout
     return tr, calib, heldout
 
 
-def _output_kind(model: torch.nn.Module, contract: InputContract, data: ArrayDataset, device: torch.device) -> str:
+def _output_kind(model: torch.nn.Module, contract: InputContract, data: ArrayDataset, device: torch.device, source_op: str | None = None) -> str:
+    """"probs" or "logits" for the methods. Several columns: probabilities when every row sums to 1.
+    One column: the graph decides (``source_op``: what computes the ONNX output; a Sigmoid gives
+    P(class 1)), since a logit column can hold values in [0, 1] too."""
     x = contract.to_model(contract.to_unit(data.x[:64]).to(device))
     with torch.no_grad():
         out = first_output(model.to(device)(x))
+    if out.reshape(len(out), -1).shape[1] == 1:
+        return "probs" if source_op == "Sigmoid" else "logits"
     return "probs" if looks_like_probabilities(out) else "logits"
 
 
@@ -149,6 +154,7 @@ def repair(
     """
     import converters
     from converters import export_like
+    from converters.load import output_source_op
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -186,7 +192,7 @@ def repair(
         pspec = resolve_protected(train, protected, privileged=privileged, unprivileged=unprivileged)
 
     gm = converted.gm
-    kind = _output_kind(gm, contract, tr, dev)
+    kind = _output_kind(gm, contract, tr, dev, output_source_op(converted.loaded.model))
     inputs = RepairInputs(model=gm, contract=contract, train=tr, calib=calib, output_kind=kind, device=dev, seed=seed, progress=progress, protected=pspec)
 
     t = time.perf_counter()

@@ -37,6 +37,7 @@ class Session:
 
     sess: ort.InferenceSession
     provider: str  # "cuda" or "cpu": the first provider that actually loaded
+    source: str | bytes | None = None  # the file path or model bytes it was made from, for readers of the graph
 
     @property
     def input_names(self) -> list[str]:
@@ -117,4 +118,4 @@ def make_session(
     real = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
     if (require or "").lower() == "cuda" and real != "cuda":
         raise ValidationFailed(f"CUDA was required but onnxruntime ran on {used[0] if used else 'nothing'} (available: {', '.join(avail)})")
-    return Session(sess=sess, provider=real)
+    return Session(sess=sess, provider=real, source=src)
