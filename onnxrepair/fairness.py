@@ -1,11 +1,10 @@
 """Fairness evaluation of exported models on onnxruntime (the verdict is made on the file, never the
 torch graph). Metrics: :mod:`onnxrepair.metrics`; counterfactual pairs: :func:`onnxrepair.methods.fmt.counterfactual_pairs`.
 
-Predictions come from the model's first output, read the way :func:`output_reading` says: integer
-labels as they are, several columns by argmax (logits or probabilities alike), a single column as
-P(class 1) > 0.5 when it comes out of a Sigmoid, else as a logit > 0. The reading is decided from the
-graph, once per model, so a model's predictions on data rows and on counterfactual pairs are read the
-same way; only a session whose graph is not at hand falls back to the value range of the data rows.
+Predictions come from the model's first output, read as :func:`onnxrepair.runtime.output_reading`
+decides from the graph (a single column is P(class 1) only out of a Sigmoid), once per model, so its
+predictions on data rows and on counterfactual pairs are read the same way; a session whose graph is
+not at hand falls back to the value range of the data rows.
 """
 
 from __future__ import annotations
@@ -19,52 +18,9 @@ import numpy as np
 from .data.dataset import ArrayDataset
 from .errors import DataError
 from .metrics import fairness_report, individual_discrimination_rate
-from .runtime import Session, make_session
+from .runtime import Session, labels_from_output, make_session, output_reading, reading_from_values
 
 ModelRef = Union[str, os.PathLike, Session]
-
-
-def output_reading(session: Session) -> str | None:
-    """How the first output gives a class: ``label`` (an integer output: the classes themselves),
-    ``scores`` (several columns: argmax), ``probability`` (one column out of a Sigmoid, through
-    reshapes), ``logit`` (one column from anything else); ``None`` when a single column's origin
-    cannot be read because the session was not made from a file or bytes."""
-    out = session.sess.get_outputs()[0]
-    if "int" in out.type:
-        return "label"
-    last = out.shape[-1] if len(out.shape) >= 2 else 1
-    if not isinstance(last, int):
-        return None  # symbolic class dimension: only the values can tell
-    if last > 1:
-        return "scores"
-    if session.source is None:
-        return None
-    import onnx
-
-    from converters.load import output_source_op
-
-    src = session.source
-    model = onnx.load_from_string(src) if isinstance(src, bytes) else onnx.load(src, load_external_data=False)
-    return "probability" if output_source_op(model) == "Sigmoid" else "logit"
-
-
-def reading_from_values(out: np.ndarray) -> str:
-    """The fallback of :func:`output_reading`: judge by the values (one column in [0, 1] = probability)."""
-    if np.issubdtype(out.dtype, np.integer):
-        return "label"
-    out = out.reshape(len(out), -1)
-    if out.shape[1] > 1:
-        return "scores"
-    return "probability" if out.size and out.min() >= 0 and out.max() <= 1 else "logit"
-
-
-def labels_from_output(out: np.ndarray, reading: str) -> np.ndarray:
-    if reading == "label":
-        return out.reshape(len(out)).astype(np.int64)
-    out = out.reshape(len(out), -1)
-    if reading == "scores":
-        return out.argmax(axis=1).astype(np.int64)
-    return (out[:, 0] > (0.5 if reading == "probability" else 0.0)).astype(np.int64)
 
 
 def predict(session: Session, x: np.ndarray, batch_size: int = 1024, reading: str | None = None) -> np.ndarray:

@@ -2,6 +2,11 @@
 
 CUDA falls back to CPU silently in onnxruntime, so every session records the providers that
 really loaded (``session.get_providers()``) and callers report that, not what was asked for.
+
+Reading a classifier's first output as classes (:func:`output_reading`, :func:`labels_from_output`):
+integer labels as they are, several columns by argmax, one column as P(class 1) > 0.5 when the graph
+computes it with a Sigmoid, else as a logit > 0. Decided from the graph once per model, so every batch
+of one model is read the same way; only a session made without a file or bytes falls back to values.
 """
 
 from __future__ import annotations
@@ -60,6 +65,49 @@ class Session:
             xb = np.ascontiguousarray(x[i : i + batch_size], dtype=dtype)
             parts.append(self.sess.run([out_name], {name_in: xb})[0])
         return np.concatenate(parts, axis=0) if parts else np.empty((0,))
+
+
+def output_reading(session: Session) -> str | None:
+    """How the first output gives a class: ``label`` (an integer output: the classes themselves),
+    ``scores`` (several columns: argmax), ``probability`` (one column out of a Sigmoid, through
+    reshapes), ``logit`` (one column from anything else); ``None`` when a single column's origin
+    cannot be read because the session was not made from a file or bytes."""
+    out = session.sess.get_outputs()[0]
+    if "int" in out.type:
+        return "label"
+    last = out.shape[-1] if len(out.shape) >= 2 else 1
+    if not isinstance(last, int):
+        return None  # symbolic class dimension: only the values can tell
+    if last > 1:
+        return "scores"
+    if session.source is None:
+        return None
+    import onnx
+
+    from converters.load import output_source_op
+
+    src = session.source
+    model = onnx.load_from_string(src) if isinstance(src, bytes) else onnx.load(src, load_external_data=False)
+    return "probability" if output_source_op(model) == "Sigmoid" else "logit"
+
+
+def reading_from_values(out: np.ndarray) -> str:
+    """The fallback of :func:`output_reading`: judge by the values (one column in [0, 1] = probability)."""
+    if np.issubdtype(out.dtype, np.integer):
+        return "label"
+    out = out.reshape(len(out), -1)
+    if out.shape[1] > 1:
+        return "scores"
+    return "probability" if out.size and out.min() >= 0 and out.max() <= 1 else "logit"
+
+
+def labels_from_output(out: np.ndarray, reading: str) -> np.ndarray:
+    if reading == "label":
+        return out.reshape(len(out)).astype(np.int64)
+    out = out.reshape(len(out), -1)
+    if reading == "scores":
+        return out.argmax(axis=1).astype(np.int64)
+    return (out[:, 0] > (0.5 if reading == "probability" else 0.0)).astype(np.int64)
 
 
 def available_providers() -> list[str]:

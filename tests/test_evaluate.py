@@ -173,7 +173,7 @@ def test_fast_clean_path_matches_torch_path(name, contract, mnist_small):
     as the torch path (to_unit → to_model per batch), and feeds equal to float32 rounding."""
     from conftest import fixture_path
 
-    from onnxrepair.evaluate import _argmax, _clean_predictions
+    from onnxrepair.evaluate import _clean_predictions
     from onnxrepair.runtime import make_session
 
     x, y = mnist_small
@@ -186,7 +186,7 @@ def test_fast_clean_path_matches_torch_path(name, contract, mnist_small):
         fast = contract.numpy_feeder()(x[lo : lo + 128])
         assert fast.shape == feed.shape and fast.dtype == np.float32 and fast.flags.c_contiguous
         np.testing.assert_allclose(fast, feed, rtol=0, atol=4e-6)
-        slow.append(_argmax(sess.sess.run(None, {inp.name: feed})[0]))
+        slow.append(sess.sess.run(None, {inp.name: feed})[0].argmax(1))
     slow = np.concatenate(slow)
     assert (slow == y).mean() > 0.5  # the contract is a sensible one, so predictions mean something
 

@@ -12,10 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 from converters.load import output_source_op
 from onnxrepair.data.contract import InputContract
 from onnxrepair.data.dataset import ArrayDataset
-from onnxrepair.fairness import evaluate_fairness, labels_from_output, output_reading, predict, reading_from_values
+from onnxrepair.fairness import evaluate_fairness, predict
 from onnxrepair.methods import ProtectedSpec
 from onnxrepair.repair import _output_kind
-from onnxrepair.runtime import Session, make_session
+from onnxrepair.runtime import Session, labels_from_output, make_session, output_reading, reading_from_values
 
 
 def _one_column(tail: str) -> bytes:
@@ -87,3 +87,25 @@ def test_repair_output_kind_for_one_column_follows_the_graph():
     assert _output_kind(lin, contract, data, torch.device("cpu"), "Gemm") == "logits"
     soft = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Softmax(dim=1))
     assert _output_kind(soft, contract, data, torch.device("cpu"), "Softmax") == "probs"
+
+
+def test_evaluator_reads_the_keras_sigmoid_fixture_as_probabilities():
+    """The Keras binary classifier (Dense(1, sigmoid), via tf2onnx, its output named 'logits') scored by
+    the evaluator and by the fairness path: both threshold at 0.5 and agree with a hand count."""
+    from conftest import FIXTURES, fixture_path
+
+    from onnxrepair.data.loaders import load_dataset
+    from onnxrepair.evaluate import evaluate_models
+
+    path = fixture_path("keras_adult_sigmoid_tf2onnx")
+    ds = load_dataset(FIXTURES / "data" / "adult_test.csv", target="income", protected=["sex"])
+    sess = make_session(path, "cpu")
+    assert output_reading(sess) == "probability"
+    p = sess.run_batched(ds.x)[:, 0]
+    hand = float(((p > 0.5).astype(int) == ds.y).mean())
+    assert hand > 0.75
+    rep = evaluate_models([path], ds, [InputContract(layout="tabular")], blur=False, provider="cpu")
+    assert rep.models[0].clean == pytest.approx(hand, abs=0)
+    spec = ProtectedSpec("sex", ds.columns.index("sex"), 1.0, 0.0)
+    fair = evaluate_fairness([path], ds, spec, provider="cpu", n_pairs=200)
+    assert fair[0]["accuracy"] == pytest.approx(hand, abs=0) and fair[0]["output_reading"] == "probability"
