@@ -55,6 +55,7 @@ class RepairResult:
     provider: str = "cpu"
     contract: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    output_kind: str = "logits"  # how the methods read the model's first output: "logits" or "probs"
     version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,7 +238,7 @@ def repair(
         res = RepairResult(
             method=method, task=spec.task, input_path=str(model_path), output_path=str(out_path) if ok else None, written=ok,
             exporter=exported.exporter, retention=retention, before=before, after=after, fidelity=fidelity, info=result.info,
-            splits={"train": len(tr), "calib": len(calib), "heldout": len(heldout)}, timings_s=timings, latency_ms=lat,
+            splits={"train": len(tr), "calib": len(calib), "heldout": len(heldout)}, timings_s=timings, latency_ms=lat, output_kind=kind,
             provider=fidelity["reference_provider"], contract=dataclasses.asdict(contract),
             config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {},
         )

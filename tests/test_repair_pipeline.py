@@ -78,6 +78,22 @@ def test_fmt_cli_end_to_end_keeps_interface(tmp_path):
         assert sess.run_batched(x[:n]).shape == (n, 2)
 
 
+def test_fmt_on_the_keras_sigmoid_model_reads_probabilities(tmp_path):
+    """A Keras Dense(1, sigmoid) classifier (tf2onnx): FMT sees probabilities (confidence max(p, 1 - p)),
+    the before/after figures threshold at 0.5, and the repaired file keeps the single-column interface."""
+    src = fixture_path("keras_adult_sigmoid_tf2onnx")
+    out, rep = tmp_path / "fair.onnx", tmp_path / "report.json"
+    rc = main(["repair", str(src), "--method", "fmt", "--data", str(TRAIN), "--val", str(TEST), "--target", "income",
+               "--protected", "sex", "-o", str(out), "--report", str(rep), "--quiet", "--force", "--epochs", "3", "--provider", "cpu"])
+    assert rc == 0 and out.exists()
+    report = json.loads(rep.read_text())
+    assert report["output_kind"] == "probs" and report["fidelity"]["passed"]
+    assert report["before"]["output_reading"] == report["after"]["output_reading"] == "probability"
+    sess = make_session(str(out), "cpu")
+    p = sess.run_batched(load_csv(TEST, "income", ["sex"]).x[:7])
+    assert p.shape == (7, 1) and (p >= 0).all() and (p <= 1).all()
+
+
 def test_retention_contract_refuses_and_writes_nothing(tmp_path):
     out, rep = tmp_path / "broken.onnx", tmp_path / "report.json"
     args = ["repair", str(ADULT), "--method", "test-breaker", "--data", str(TRAIN), "--target", "income", "-o", str(out),
