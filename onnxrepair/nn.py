@@ -20,7 +20,15 @@ def looks_like_probabilities(out: torch.Tensor, tol: float = 1e-3) -> bool:
 
 
 def log_probs(out: torch.Tensor, kind: str) -> torch.Tensor:
-    """``kind`` is "probs" (model ends in Softmax) or "logits"."""
+    """(N, C) log-probabilities. ``kind`` is "probs" (the model ends in Softmax, or in a Sigmoid for one
+    column) or "logits". A single column is a binary classifier's class-1 score and becomes two
+    columns: log(1 - p), log(p) for a probability; log σ(-z), log σ(z) for a logit z."""
+    if out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1):
+        col = out.reshape(-1, 1)
+        if kind == "probs":
+            p = col.clamp(1e-12, 1 - 1e-7)
+            return torch.cat([torch.log1p(-p), torch.log(p)], dim=1)
+        return torch.cat([F.logsigmoid(-col), F.logsigmoid(col)], dim=1)
     if kind == "probs":
         return torch.log(out.clamp_min(1e-12))
     return F.log_softmax(out, dim=1)

@@ -109,3 +109,32 @@ def test_evaluator_reads_the_keras_sigmoid_fixture_as_probabilities():
     spec = ProtectedSpec("sex", ds.columns.index("sex"), 1.0, 0.0)
     fair = evaluate_fairness([path], ds, spec, provider="cpu", n_pairs=200)
     assert fair[0]["accuracy"] == pytest.approx(hand, abs=0) and fair[0]["output_reading"] == "probability"
+
+
+def test_log_probs_turns_one_column_into_two_classes():
+    from onnxrepair.nn import log_probs
+
+    z = torch.tensor([[0.0], [2.0], [-3.0]])
+    lp = log_probs(z, "logits")
+    assert lp.shape == (3, 2)
+    torch.testing.assert_close(lp.exp().sum(1), torch.ones(3))
+    torch.testing.assert_close(lp[:, 1].exp(), torch.sigmoid(z[:, 0]))
+    p = torch.sigmoid(z)
+    torch.testing.assert_close(log_probs(p, "probs"), lp, atol=1e-6, rtol=1e-5)  # the same classifier, read either way
+    two = torch.tensor([[1.0, 2.0]])
+    torch.testing.assert_close(log_probs(two, "logits"), torch.log_softmax(two, 1))  # several columns: unchanged
+
+
+@pytest.mark.parametrize("method", ["counterfactual-finetune", "reweigh-finetune"])
+def test_fairness_baselines_repair_a_sigmoid_model(tmp_path, method):
+    """The baselines fine-tune with cross-entropy; on a one-column model that used to index class 1 of a
+    single column (internal error)."""
+    from conftest import FIXTURES, fixture_path
+
+    from onnxrepair.cli import main
+
+    out = tmp_path / "o.onnx"
+    rc = main(["repair", str(fixture_path("keras_adult_sigmoid_tf2onnx")), "--method", method,
+               "--data", str(FIXTURES / "data" / "adult_train.csv"), "--target", "income", "--protected", "sex",
+               "-o", str(out), "--quiet", "--force", "--epochs", "1", "--provider", "cpu"])
+    assert rc == 0 and out.exists()
