@@ -152,6 +152,20 @@ def test_unknown_method_option_is_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_csv_with_the_wrong_feature_count_is_a_usage_error(tmp_path, capsys):
+    import csv
+
+    rows = list(csv.reader(open(TRAIN, newline="")))
+    short = tmp_path / "short.csv"
+    with open(short, "w", newline="") as f:
+        csv.writer(f).writerows(r[1:] for r in rows)  # the first feature column dropped
+    out = tmp_path / "o.onnx"
+    rc = main(["repair", str(ADULT), "--method", "fmt", "--data", str(short), "--target", "income", "--protected", "sex", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "rows of 31 features" in err[0] and "takes [N,32]" in err[0]
+    assert not out.exists()
+
+
 def test_root_option_after_the_command_says_where_it_goes(tmp_path, capsys):
     rc = main(["repair", str(ADULT), "--method", "fmt", "--data", str(TRAIN), "--target", "income", "--protected", "sex", "-o", str(tmp_path / "o.onnx"), "--threads", "1"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -40,10 +40,10 @@ def check_input_fits(ds: ArrayDataset, contract: InputContract, model_shape: Seq
     want = tuple(model_shape)
     ok = len(got) == len(want) and all(not isinstance(w, int) or w <= 0 or w == g for g, w in zip(got[1:], want[1:]))
     if not ok:
-        raw = "x".join(map(str, ds.x.shape[1:]))
+        raw = f"rows of {ds.x.shape[1]} features" if ds.x.ndim == 2 else "x".join(map(str, ds.x.shape[1:])) + " (channel-first)"
         wanted = "[" + ",".join(str(w) if isinstance(w, int) and w > 0 else "N" if i == 0 else "?" for i, w in enumerate(want)) + "]"
         raise DataError(
-            f"data does not fit {model_name}: samples are {raw} (channel-first), which under layout "
+            f"data does not fit {model_name}: samples are {raw}, which under layout "
             f"{contract.layout} ({contract.source}) gives input [N,{','.join(map(str, got[1:]))}], but the model takes {wanted}"
             + ("; try --layout nchw|nhwc or a resize" if len(want) == 4 else "")
         )
