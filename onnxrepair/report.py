@@ -79,17 +79,25 @@ def _eps(e: float) -> str:
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 and k >= 1 else f"{e:g}"
 
 
-def line_chart(path: str | Path, title: str, xs: Sequence[float], series: dict[str, Sequence[float]], *, xlabel: str = "severity", ylabel: str = "accuracy (%)", size=(560, 380)) -> Path:
-    """A small line chart (y in [0, 100]) written as PNG with Pillow."""
+def _canvas(title: str, size: tuple[int, int]):
+    """A white image with the title and the plot frame drawn; returns (image, draw, (x0, x1, y0, y1)),
+    y0 the frame's bottom, y1 its top, with room on the right for a legend."""
     from PIL import Image, ImageDraw
 
     w, h = size
-    L, R, T, B = 56, 150, 34, 44
+    left, right, top, bottom = 56, 150, 34, 44
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    d.text((L, 10), title, fill="black")
-    x0, x1, y0, y1 = L, w - R, h - B, T
-    d.rectangle([x0, y1, x1, y0], outline="black")
+    d.text((left, 10), title, fill="black")
+    frame = (left, w - right, h - bottom, top)
+    d.rectangle([frame[0], frame[3], frame[1], frame[2]], outline="black")
+    return img, d, frame
+
+
+def line_chart(path: str | Path, title: str, xs: Sequence[float], series: dict[str, Sequence[float]], *, xlabel: str = "severity", ylabel: str = "accuracy (%)", size=(560, 380)) -> Path:
+    """A small line chart (y in [0, 100]) written as PNG with Pillow."""
+    img, d, (x0, x1, y0, y1) = _canvas(title, size)
+    h, T = size[1], y1
     xmin, xmax = min(xs), max(xs)
     span = (xmax - xmin) or 1
 
@@ -118,6 +126,47 @@ def line_chart(path: str | Path, title: str, xs: Sequence[float], series: dict[s
     path = Path(path)
     img.save(path)
     return path
+
+
+def bar_chart(path: str | Path, title: str, groups: Sequence[str], series: dict[str, Sequence[float]], *, ylabel: str = "", size=(560, 380)) -> Path:
+    """Grouped bars (one group per entry of ``groups``, one bar per series), y from 0, written as PNG."""
+    img, d, (x0, x1, y0, y1) = _canvas(title, size)
+    T = y1
+    top = max([abs(v) for vs in series.values() for v in vs] + [1e-9]) * 1.1
+
+    def py(v: float) -> float:
+        return y0 - v / top * (y0 - y1)
+
+    for k in range(5):
+        v = top * k / 5
+        d.line([x0, py(v), x1, py(v)], fill=(225, 225, 225))
+        d.text((4, py(v) - 6), f"{v:.2g}", fill="black")
+    gw = (x1 - x0) / max(len(groups), 1)
+    bw = gw * 0.8 / max(len(series), 1)
+    for g, label in enumerate(groups):
+        d.text((x0 + g * gw + gw / 2 - 3 * len(label), y0 + 6), label, fill="black")
+        for i, vs in enumerate(series.values()):
+            left = x0 + g * gw + gw * 0.1 + i * bw
+            d.rectangle([left, py(max(vs[g], 0.0)), left + bw - 2, y0], fill=PALETTE[i % len(PALETTE)])
+    d.text((4, T - 16), ylabel, fill="black")
+    for i, name in enumerate(series):
+        col = PALETTE[i % len(PALETTE)]
+        d.rectangle([x1 + 10, T + 8 + 16 * i, x1 + 24, T + 18 + 16 * i], fill=col)
+        d.text((x1 + 30, T + 8 + 16 * i), name[:18], fill="black")
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+FAIRNESS_BARS = {"|SPD|": "abs_spd", "AAOD": "aaod", "|EOD|": "abs_eod", "IDR": "idr"}
+
+
+def plot_fairness(models: dict[str, dict], protected: str, outdir: str | Path) -> Path:
+    """|SPD|, AAOD, |EOD| and IDR per model (lower is fairer) as grouped bars: ``fairness.png``."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    series = {name: [float(m[k]) for k in FAIRNESS_BARS.values()] for name, m in models.items()}
+    return bar_chart(out / "fairness.png", f"fairness w.r.t. {protected!r} (lower is fairer)", list(FAIRNESS_BARS), series)
 
 
 def plot_report(report, outdir: str | Path) -> list[Path]:

@@ -82,3 +82,22 @@ def test_protected_needs_csv(tmp_path, capsys):
     rc = main(["evaluate", str(fixture_path("torch_lenet_legacy11")), "--data", str(tmp_path / "m.npz"), "--protected", "sex", "-q", "--provider", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "CSV" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fairness_plot(tmp_path):
+    """--plots with --protected draws the fairness bars; a model with more disparity gets taller bars."""
+    from PIL import Image
+
+    from onnxrepair.report import PALETTE, plot_fairness
+
+    rc = main(["evaluate", str(MODEL), *ARGS, "--protected", "sex", "--plots", str(tmp_path / "p")])
+    assert rc == 0 and (tmp_path / "p" / "fairness.png").exists()
+    fair = {"unfair": {"abs_spd": 0.4, "aaod": 0.3, "abs_eod": 0.2, "idr": 0.1}, "fair": {"abs_spd": 0.1, "aaod": 0.1, "abs_eod": 0.05, "idr": 0.0}}
+    img = Image.open(plot_fairness(fair, "sex", tmp_path / "q")).convert("RGB")
+    px = np.asarray(img)
+
+    def height(color) -> int:  # the tallest column of this colour, in pixels
+        mask = (px == np.array(color, np.uint8)).all(axis=2)
+        return int(mask[:, :420].sum(axis=0).max())  # left of the legend
+
+    assert height(PALETTE[0]) > 3 * height(PALETTE[1]) > 0

@@ -32,7 +32,7 @@ def evaluate_cmd(
     split: Optional[str] = typer.Option(None, "--split", help="train | test, for sources holding both."),
     batch_size: int = typer.Option(256, "--batch-size"),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
-    plots: Optional[Path] = typer.Option(None, "--plots", help="Write PNG charts (accuracy vs severity) into this folder."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write PNG charts into this folder: accuracy vs severity; with --protected, the fairness metrics per model."),
     provider: str = typer.Option("auto", "--provider", help="onnxruntime provider: auto, cpu, cuda."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device for perturbations/attacks (default: cuda if available)."),
     seed: int = typer.Option(0, "--seed"),
@@ -53,7 +53,7 @@ def evaluate_cmd(
     from ..io import check_output_path, write_json_atomic
     from ..perturb.attacks import resolve_attacks
     from ..perturb.corruptions import resolve_names
-    from ..report import plot_report, print_report
+    from ..report import plot_fairness, plot_report, print_report
 
     # validate names before any work
     resolve_names(corruptions)
@@ -104,6 +104,8 @@ def evaluate_cmd(
         write_json_atomic(report, d)
     if plots is not None:
         files = plot_report(rep, plots)
+        if spec is not None:
+            files.append(plot_fairness(d["fairness"]["models"], spec.column, plots))
         d["plots"] = [str(f) for f in files]
     if as_json:
         typer.echo(json.dumps(d, indent=2, default=str))
