@@ -49,6 +49,7 @@ from onnxrepair.data.tabular import ENCODERS, PROTECTED, TARGETS, load_csv, reso
 from onnxrepair.fairness import evaluate_fairness, predict  # noqa: E402
 from onnxrepair.io import write_json_atomic  # noqa: E402
 from onnxrepair.methods import RepairInputs, get  # noqa: E402
+from onnxrepair.report import bar_chart  # noqa: E402
 from onnxrepair.metrics import fairness_report, relative_change  # noqa: E402
 from onnxrepair.runtime import make_session  # noqa: E402
 
@@ -60,7 +61,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
     """The command line that repeats this run, every setting spelled out (defaults may change later)."""
     parts = [".venv/bin/python", "bench/fairness.py"]
     for k, v in vars(args).items():
-        parts += [f"--{k.replace('_', '-')}", str(v)]
+        if v is not None:  # unset options (--replot) are not part of a run
+            parts += [f"--{k.replace('_', '-')}", str(v)]
     return shlex.join(parts)
 
 
@@ -160,6 +162,14 @@ def run_dataset(args: argparse.Namespace, name: str, seed: int, methods: list[st
     return rows
 
 
+def plot_summary(summary: dict, path: Path) -> Path:
+    """Bars of the relative changes (mean over tasks, the paper's averaging) per method, the paper's targets dashed."""
+    keys = ("abs_spd", "aaod", "abs_eod")
+    return bar_chart(path, "change in % (mean over tasks, as the paper); dashes: the FMT paper's targets", ["|SPD|", "AAOD", "|EOD|"],
+                     {f"{m} ({s['accuracy_points']:+.2f} acc pts)": [100 * s[k] for k in keys] for m, s in summary.items()},
+                     size=(860, 400), legend_width=260, marks=[100 * TARGETS_PAPER[k] for k in keys])
+
+
 def _run_job(job: tuple) -> list[dict]:
     args, name, seed, methods = job
     torch.set_num_threads(1)  # tiny MLPs: threads only add contention on shared cores
@@ -190,7 +200,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; each gives its own split, MLP, repair and pairs; tables average over them")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes, one per (data set, seed) run at a time; results do not depend on it")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fairness.json"))
+    ap.add_argument("--replot", metavar="JSON", help="only draw the PNG of an earlier run's JSON (next to it) and exit")
     args = ap.parse_args()
+    if args.replot:
+        print(plot_summary(json.loads(Path(args.replot).read_text())["summary"], Path(args.replot).with_suffix(".png")))
+        return
 
     torch.set_num_threads(1)  # tiny MLPs: threads only add contention on shared cores
     methods = [m for m in args.methods.split(",") if m]
@@ -277,7 +291,8 @@ def main() -> None:
                             "seconds": round(time.perf_counter() - t_start, 1), "torch": torch.__version__, "device": "cpu",
                             "note": "relative changes are means over tasks of (after - before) / before (per seed, then over seeds), the paper's targets are judged on these; "
                                     "summary[m]['pooled'] = sum(after) / sum(before) - 1 over every (task, seed); metrics on onnxruntime, 30% test split"})
-    print(f"\nwrote {out} ({time.perf_counter() - t_start:.0f}s)")
+    png = plot_summary(summary, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {png} ({time.perf_counter() - t_start:.0f}s)")
 
 
 if __name__ == "__main__":

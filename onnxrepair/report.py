@@ -5,6 +5,7 @@ Charts need no plotting library: Pillow (already a dependency) draws simple line
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -79,13 +80,20 @@ def _eps(e: float) -> str:
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 and k >= 1 else f"{e:g}"
 
 
-def _canvas(title: str, size: tuple[int, int]):
+def _nice_step(span: float, ticks: int = 5) -> float:
+    """A round tick step (1, 2, 2.5 or 5 times a power of ten) giving about ``ticks`` intervals over ``span``."""
+    raw = (span or 1.0) / ticks
+    mag = 10 ** math.floor(math.log10(raw))
+    return next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+
+
+def _canvas(title: str, size: tuple[int, int], right: int = 150):
     """A white image with the title and the plot frame drawn; returns (image, draw, (x0, x1, y0, y1)),
     y0 the frame's bottom, y1 its top, with room on the right for a legend."""
     from PIL import Image, ImageDraw
 
     w, h = size
-    left, right, top, bottom = 56, 150, 34, 44
+    left, top, bottom = 56, 34, 44
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.text((left, 10), title, fill="black")
@@ -128,31 +136,41 @@ def line_chart(path: str | Path, title: str, xs: Sequence[float], series: dict[s
     return path
 
 
-def bar_chart(path: str | Path, title: str, groups: Sequence[str], series: dict[str, Sequence[float]], *, ylabel: str = "", size=(560, 380)) -> Path:
-    """Grouped bars (one group per entry of ``groups``, one bar per series), y from 0, written as PNG."""
-    img, d, (x0, x1, y0, y1) = _canvas(title, size)
-    T = y1
-    top = max([abs(v) for vs in series.values() for v in vs] + [1e-9]) * 1.1
+def bar_chart(path: str | Path, title: str, groups: Sequence[str], series: dict[str, Sequence[float]], *, ylabel: str = "",
+              size=(560, 380), marks: Sequence[float | None] | None = None, legend_width: int = 150) -> Path:
+    """Grouped bars (one group per entry of ``groups``, one bar per series) from a zero line, negative
+    values downwards; ``marks`` draws a dashed level per group (e.g. a target). Written as PNG."""
+    img, d, (x0, x1, y0, y1) = _canvas(title, size, legend_width)
+    vals = [v for vs in series.values() for v in vs] + [m for m in (marks or []) if m is not None]
+    step = _nice_step(max(vals + [0.0]) - min(vals + [0.0]))
+    lo, hi = math.floor(min(vals + [0.0]) / step) * step, math.ceil(max(vals + [0.0]) / step) * step
+    lo, hi = (lo, hi) if hi > lo else (lo, lo + step)
 
     def py(v: float) -> float:
-        return y0 - v / top * (y0 - y1)
+        return y0 - (v - lo) / (hi - lo) * (y0 - y1)
 
-    for k in range(5):
-        v = top * k / 5
+    for k in range(int(round((hi - lo) / step)) + 1):
+        v = lo + k * step
         d.line([x0, py(v), x1, py(v)], fill=(225, 225, 225))
-        d.text((4, py(v) - 6), f"{v:.2g}", fill="black")
+        d.text((4, py(v) - 6), f"{v:g}", fill="black")
+    d.line([x0, py(0.0), x1, py(0.0)], fill="black")
     gw = (x1 - x0) / max(len(groups), 1)
     bw = gw * 0.8 / max(len(series), 1)
     for g, label in enumerate(groups):
         d.text((x0 + g * gw + gw / 2 - 3 * len(label), y0 + 6), label, fill="black")
         for i, vs in enumerate(series.values()):
             left = x0 + g * gw + gw * 0.1 + i * bw
-            d.rectangle([left, py(max(vs[g], 0.0)), left + bw - 2, y0], fill=PALETTE[i % len(PALETTE)])
-    d.text((4, T - 16), ylabel, fill="black")
+            a, b = sorted((py(0.0), py(vs[g])))
+            d.rectangle([left, a, left + bw - 2, b], fill=PALETTE[i % len(PALETTE)])
+        if marks is not None and marks[g] is not None:
+            for xx in range(int(x0 + g * gw + gw * 0.05), int(x0 + (g + 1) * gw - gw * 0.05), 8):
+                d.line([xx, py(marks[g]), xx + 4, py(marks[g])], fill="black", width=2)
+    if ylabel:
+        d.text((4, y1 - 16), ylabel, fill="black")
     for i, name in enumerate(series):
         col = PALETTE[i % len(PALETTE)]
-        d.rectangle([x1 + 10, T + 8 + 16 * i, x1 + 24, T + 18 + 16 * i], fill=col)
-        d.text((x1 + 30, T + 8 + 16 * i), name[:18], fill="black")
+        d.rectangle([x1 + 10, y1 + 8 + 16 * i, x1 + 24, y1 + 18 + 16 * i], fill=col)
+        d.text((x1 + 30, y1 + 8 + 16 * i), name[: (legend_width - 34) // 6], fill="black")
     path = Path(path)
     img.save(path)
     return path

@@ -101,3 +101,15 @@ def test_fairness_plot(tmp_path):
         return int(mask[:, :420].sum(axis=0).max())  # left of the legend
 
     assert height(PALETTE[0]) > 3 * height(PALETTE[1]) > 0
+
+
+def test_bar_chart_draws_negative_values_below_the_zero_line(tmp_path):
+    from PIL import Image
+
+    from onnxrepair.report import PALETTE, bar_chart
+
+    img = np.asarray(Image.open(bar_chart(tmp_path / "b.png", "t", ["a"], {"down": [-30.0], "up": [10.0]}, marks=[-20.0])).convert("RGB"))
+    rows = lambda c: np.nonzero((img[:, :400] == np.array(c, np.uint8)).all(axis=2).any(axis=1))[0]  # noqa: E731  (left of the legend)
+    down, up = rows(PALETTE[0]), rows(PALETTE[1])
+    assert up.max() <= down.min() + 1  # the positive bar ends where the negative one starts: the zero line
+    assert len(down) > 2 * len(up)  # -30 is three times as long as +10
