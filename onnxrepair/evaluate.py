@@ -38,7 +38,7 @@ from .perturb import corruptions as C
 from .perturb.attacks import ATTACKS, make_attack, resolve_attacks
 from .perturb.blur import DEEPPATCH_SIGMAS, gaussian_blur
 from .progress import SILENT, Reporter
-from .runtime import ORT_TO_NP, Session, labels_from_output, make_session, output_reading, reading_from_values
+from .runtime import ORT_TO_NP, Session, make_session
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,6 @@ class _Model:
     in_shape: tuple
     num_outputs: int | None
     torch_model: ModelWithContract | None = None
-    reading: str | None = None  # how the first output gives classes (runtime.output_reading), fixed on first use
-
-    def labels(self, out: np.ndarray) -> np.ndarray:
-        if self.reading is None:
-            self.reading = output_reading(self.session) or reading_from_values(np.asarray(out))
-        return labels_from_output(np.asarray(out), self.reading)
 
 
 def _model_shape_from_session(s: Session) -> tuple:
@@ -240,7 +234,7 @@ def evaluate_models(
             feed = np.ascontiguousarray(m.contract.to_model(unit).detach().cpu().numpy(), dtype=m.in_dtype)
             cache[key] = feed
         out = m.session.sess.run(None, {m.in_name: feed})[0]
-        return m.labels(out)
+        return m.session.classes(out)
 
     # --- clean pass: the lean path (numpy only, one feed per contract group, next batch prepared while
     # onnxruntime runs this one; ORT releases the GIL, so the two overlap)
@@ -410,7 +404,7 @@ def _clean_predictions(ms: Sequence[_Model], x: np.ndarray, batch_size: int, pre
             for feed, (_, g) in zip(feeds, feeders):
                 for m in g:
                     t0 = time.perf_counter()
-                    preds[m.name] = m.labels(m.session.sess.run(None, {m.in_name: feed})[0])
+                    preds[m.name] = m.session.classes(m.session.sess.run(None, {m.in_name: feed})[0])
                     secs[m.name] = time.perf_counter() - t0 + t_prep
             yield lo, hi, preds, secs
     finally:

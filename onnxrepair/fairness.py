@@ -18,15 +18,14 @@ import numpy as np
 from .data.dataset import ArrayDataset
 from .errors import DataError
 from .metrics import fairness_report, individual_discrimination_rate
-from .runtime import Session, labels_from_output, make_session, output_reading, reading_from_values
+from .runtime import Session, make_session
 
 ModelRef = Union[str, os.PathLike, Session]
 
 
-def predict(session: Session, x: np.ndarray, batch_size: int = 1024, reading: str | None = None) -> np.ndarray:
-    """Predicted classes of ``x``; ``reading`` as :func:`output_reading` returns it (found when not given)."""
-    out = session.run_batched(np.asarray(x, dtype=np.float32), batch_size=batch_size)
-    return labels_from_output(out, reading or output_reading(session) or reading_from_values(out))
+def predict(session: Session, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Predicted classes of ``x`` (:meth:`Session.classes`: one reading of the output per session)."""
+    return session.classes(session.run_batched(np.asarray(x, dtype=np.float32), batch_size=batch_size))
 
 
 def _named(models: ModelRef | Sequence[ModelRef] | Mapping[str, ModelRef]) -> dict[str, ModelRef]:
@@ -85,13 +84,11 @@ def evaluate_fairness(
         n_in = sess.sess.get_inputs()[0].shape
         if len(n_in) == 2 and isinstance(n_in[1], int) and n_in[1] != x.shape[1]:
             raise DataError(f"{name}: the model takes {n_in[1]} features but the data has {x.shape[1]}")
-        out = sess.run_batched(x, batch_size=batch_size)
-        reading = output_reading(sess) or reading_from_values(out)  # one reading per model, for rows and pairs alike
-        pred = labels_from_output(out, reading)
+        pred = predict(sess, x, batch_size)  # first: without a graph, the data rows fix the reading for the pairs too
         rep = fairness_report(dataset.y, pred, col, protected.privileged, protected.unprivileged, favorable,
-                              pair_preds=(predict(sess, pa, batch_size, reading), predict(sess, pb, batch_size, reading)))
-        rep["idr_data"] = individual_discrimination_rate(predict(sess, orig, batch_size, reading), predict(sess, flipped, batch_size, reading))
-        rep["output_reading"] = reading
+                              pair_preds=(predict(sess, pa, batch_size), predict(sess, pb, batch_size)))
+        rep["idr_data"] = individual_discrimination_rate(predict(sess, orig, batch_size), predict(sess, flipped, batch_size))
+        rep["output_reading"] = sess.reading
         rep["provider"] = sess.provider
         rep["protected"] = {"column": protected.column, "privileged": protected.privileged, "unprivileged": protected.unprivileged}
         results[name] = rep

@@ -43,6 +43,7 @@ class Session:
     sess: ort.InferenceSession
     provider: str  # "cuda" or "cpu": the first provider that actually loaded
     source: str | bytes | None = None  # the file path or model bytes it was made from, for readers of the graph
+    reading: str | None = None  # how the first output gives classes: set by the first ``classes`` call
 
     @property
     def input_names(self) -> list[str]:
@@ -54,6 +55,14 @@ class Session:
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list:
         return self.sess.run(list(outputs) if outputs else None, feeds)
+
+    def classes(self, out: np.ndarray) -> np.ndarray:
+        """Predicted classes from this session's first output ``out``, read as :func:`output_reading`
+        says (the graph; the values of this first ``out`` when there is no graph), fixed on first use."""
+        out = np.asarray(out)
+        if self.reading is None:
+            self.reading = output_reading(self) or reading_from_values(out)
+        return labels_from_output(out, self.reading)
 
     def run_batched(self, x: np.ndarray, batch_size: int = 256, output: int | str = 0) -> np.ndarray:
         """Run a single-input model over ``x`` in batches and return one output, concatenated."""
