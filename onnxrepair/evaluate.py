@@ -233,7 +233,7 @@ def evaluate_models(
         if feed is None:
             feed = np.ascontiguousarray(m.contract.to_model(unit).detach().cpu().numpy(), dtype=m.in_dtype)
             cache[key] = feed
-        out = m.session.sess.run(None, {m.in_name: feed})[0]
+        out = m.session.run({m.in_name: feed})[0]
         return m.session.classes(out)
 
     # --- clean pass: the lean path (numpy only, one feed per contract group, next batch prepared while
@@ -337,6 +337,8 @@ def evaluate_models(
             )
         )
     notes = [f"{m.name}: {note}" for m in ms for note in m.contract.notes]
+    notes += [f"{m.name}: the model's batch is fixed at {m.session.fixed_batch}; fed in chunks of {m.session.fixed_batch}"
+              for m in ms if m.session.fixed_batch is not None and m.session.fixed_batch != batch_size]
     if attack_names:
         notes.append(f"attacks crafted per model on its own converted torch graph (white-box), scored on onnxruntime; {adv_n} images attacked")
     rep = EvalReport(
@@ -404,7 +406,7 @@ def _clean_predictions(ms: Sequence[_Model], x: np.ndarray, batch_size: int, pre
             for feed, (_, g) in zip(feeds, feeders):
                 for m in g:
                     t0 = time.perf_counter()
-                    preds[m.name] = m.session.classes(m.session.sess.run(None, {m.in_name: feed})[0])
+                    preds[m.name] = m.session.classes(m.session.run({m.in_name: feed})[0])
                     secs[m.name] = time.perf_counter() - t0 + t_prep
             yield lo, hi, preds, secs
     finally:

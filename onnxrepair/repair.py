@@ -32,6 +32,7 @@ from .io import atomic_path, check_output_path, write_json_atomic
 from .methods import ProtectedSpec, RepairInputs
 from .nn import first_output, looks_like_probabilities, pick_device
 from .progress import SILENT, Reporter
+from .runtime import example_batch
 
 log = logging.getLogger(__name__)
 
@@ -103,26 +104,6 @@ def _validate_export(path: str, module: torch.nn.Module, tail, contract: InputCo
         "argmax_agreement": worst["argmax_agreement"], "tolerance": dataclasses.asdict(tol), "batches": res.batches,
         "reference_provider": res.reference_provider, "comparisons": [dataclasses.asdict(c) for c in res.comparisons],
     }
-
-
-def _latency(path: str, example: np.ndarray, provider: str, repeats: int = 20) -> dict[str, float]:
-    from .runtime import make_session
-
-    sess = make_session(path, provider)
-    name = sess.input_names[0]
-    out: dict[str, float] = {}
-    for b in (1, 64):
-        xb = np.repeat(example[:1], b, axis=0) if len(example) < b else example[:b]
-        xb = np.ascontiguousarray(xb, dtype=np.float32)
-        for _ in range(3):
-            sess.run({name: xb})
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            sess.run({name: xb})
-            times.append(time.perf_counter() - t)
-        out[f"batch{b}"] = float(np.median(times) * 1e3)
-    return out
 
 
 def repair(
@@ -203,7 +184,7 @@ def repair(
     repaired = result.model.eval()
 
     t = time.perf_counter()
-    example = contract.to_model(contract.to_unit(tr.x[:2])).to("cpu")
+    example = contract.to_model(contract.to_unit(tr.x[: example_batch(converted.inputs[0].shape)])).to("cpu")  # a fixed batch stays fixed
     meta = {
         "onnxrepair.method": method,
         "onnxrepair.config": _json(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}),
@@ -227,8 +208,9 @@ def repair(
         lat: dict[str, Any] = {}
         if contract.is_image:
             x64 = contract.to_model(contract.to_unit(heldout.x[:64])).numpy()
-            lat = {"original": _latency(str(model_path), x64, provider), "repaired": _latency(str(tmp), x64, provider)}
-            lat["ratio"] = {k: lat["repaired"][k] / lat["original"][k] for k in lat["original"]}
+            from .runtime import latency_comparison  # a fixed-batch model runs in chunks of its batch; latency_ms["notes"] says so
+
+            lat = latency_comparison(str(model_path), str(tmp), x64, provider)
 
         acc_b, acc_a = float(before["accuracy"]), float(after["accuracy"])
         drop = (acc_b - acc_a) * 100.0

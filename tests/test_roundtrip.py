@@ -47,9 +47,13 @@ def test_roundtrip_matches_original(name, exporter):
     res = _exported(name, exporter)
     assert res.exporter == exporter
     dim0 = res.model.graph.input[0].type.tensor_type.shape.dim[0]
-    assert not dim0.HasField("dim_value"), "batch dimension was frozen"
     src = fixture_path(name)
     original = onnx.load(str(src))
+    src_dim0 = original.graph.input[0].type.tensor_type.shape.dim[0]
+    if src_dim0.HasField("dim_value"):  # a fixed batch (mobile/edge exports) is kept as it was
+        assert dim0.dim_value == src_dim0.dim_value, "fixed batch changed"
+    else:
+        assert not dim0.HasField("dim_value"), "batch dimension was frozen"
     # interface kept: names, dtypes, opset no older than the original's
     assert [i.name for i in res.model.graph.input] == [i.name for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
     assert [o.name for o in res.model.graph.output] == [o.name for o in original.graph.output]

@@ -148,6 +148,8 @@ def print_repair_result(res) -> None:
     if res.latency_ms:
         lr = res.latency_ms["ratio"]
         console.print("latency repaired/original on onnxruntime: " + ", ".join(f"{k} {v:.2f}x" for k, v in lr.items()))
+        for note in res.latency_ms.get("notes", []):
+            console.print(f"note: {note}", markup=False, highlight=False)
     console.print("PASSED" if res.written else "FAILED")
 
 
