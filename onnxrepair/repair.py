@@ -178,12 +178,13 @@ def repair(
     inputs = RepairInputs(model=gm, contract=contract, train=tr, calib=calib, output_kind=kind, device=dev, seed=seed, progress=progress, protected=pspec)
 
     t = time.perf_counter()
-    progress.log(f"[bold]repair[/] {Path(model_path).name} with {method} on {len(tr)} training rows ({dev.type})")
+    progress.stage(f"repair with {method}", f"{Path(model_path).name} on {len(tr)} training rows ({dev.type})")
     result = spec.fn(inputs, cfg)
     timings["method"] = time.perf_counter() - t
     repaired = result.model.eval()
 
     t = time.perf_counter()
+    progress.stage("export")
     example = contract.to_model(contract.to_unit(tr.x[: example_batch(converted.inputs[0].shape)])).to("cpu")  # a fixed batch stays fixed
     meta = {
         "onnxrepair.method": method,
@@ -199,10 +200,12 @@ def repair(
 
         onnx.save_model(exported.model, str(tmp))
         t = time.perf_counter()
+        progress.stage("validation", "the exported file against the repaired graph on onnxruntime")
         fidelity = _validate_export(str(tmp), repaired, converted.tail, contract, heldout, dev)
         timings["validate"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        progress.stage("evaluation", f"original and repaired files on {len(heldout)} held-out rows")
         before, after = _evaluate(spec.task, str(model_path), str(tmp), heldout, contract, pspec, eval_corruptions or _train_corruptions(cfg), provider, seed, progress)
         timings["evaluate"] = time.perf_counter() - t
         lat: dict[str, Any] = {}

@@ -29,6 +29,7 @@ LAYOUT = typer.Option(None, "--layout", help="Model input layout: nchw | nhwc (|
 SCALE = typer.Option(None, "--scale", help="Raw values are divided by S to reach [0, 1] (255 for 8-bit images). Guessed from the data's dtype/range.")
 MEAN = typer.Option(None, "--mean", help="Per-channel mean applied after scaling, e.g. 0.4914,0.4822,0.4465.")
 STD = typer.Option(None, "--std", help="Per-channel std applied after scaling, e.g. 0.247,0.243,0.261.")
+LOG_JSON = typer.Option(None, "--log-json", help="Write progress as JSON lines here: one object per stage, task and training epoch (loss, calibration scores).")
 CONFIG = typer.Option(None, "--config", help="TOML file with layout/scale/mean/std (top level or an [input] table).")
 
 
@@ -111,6 +112,17 @@ def load_data(
     return ds
 
 
+def reporter(quiet: bool, log_json: Path | None, *inputs):
+    """The command's :class:`~onnxrepair.progress.Reporter`: stderr progress unless ``quiet``; ``--log-json`` lines
+    (never over an input)."""
+    from ..io import check_output_path
+    from ..progress import Reporter
+
+    if log_json is not None:
+        check_output_path(log_json, *inputs)
+    return Reporter(enabled=not quiet, log_json=str(log_json) if log_json is not None else None)
+
+
 def parse_severities(spec: str) -> list[int]:
     """'1-5' | '1,3,5' | '3' → sorted ints."""
     out: set[int] = set()
@@ -145,4 +157,4 @@ def parse_eps(spec: str | None) -> list[float]:
     return vals
 
 
-__all__ = ["LAYOUT", "SCALE", "MEAN", "STD", "CONFIG", "build_contract", "load_data", "parse_severities", "parse_eps", "Optional"]
+__all__ = ["LOG_JSON", "LAYOUT", "SCALE", "MEAN", "STD", "CONFIG", "build_contract", "load_data", "parse_severities", "parse_eps", "Optional"]

@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 
 from ..errors import UsageError
-from ..progress import Reporter
 from . import _options
 
 
@@ -41,7 +40,8 @@ def evaluate_cmd(
     privileged: Optional[float] = typer.Option(None, "--privileged", help="Privileged value of --protected (default: the larger of two)."),
     unprivileged: Optional[float] = typer.Option(None, "--unprivileged", help="Unprivileged value of --protected (default: the other one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report to stdout instead of tables."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr (bars in a terminal, stage lines otherwise)."),
+    log_json: Optional[Path] = _options.LOG_JSON,
     layout: Optional[str] = _options.LAYOUT,
     scale: Optional[float] = _options.SCALE,
     mean: Optional[str] = _options.MEAN,
@@ -90,7 +90,7 @@ def evaluate_cmd(
         corruptions=corruptions, severities=sev, blur=blur, attacks=attacks,
         eps=_options.parse_eps(eps), eps_l2=_options.parse_eps(eps_l2), attack_steps=attack_steps, attack_limit=attack_limit,
         limit=limit, batch_size=batch_size, provider=provider, device=device, seed=seed,
-        progress=Reporter(enabled=not quiet and not as_json),
+        progress=_options.reporter(quiet or as_json, log_json, *models),
     )  # fmt: skip
     d = rep.to_dict()
     if spec is not None:

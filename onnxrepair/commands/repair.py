@@ -15,7 +15,6 @@ import typer
 
 from .. import methods as registry
 from ..errors import UsageError
-from ..progress import Reporter
 from . import _options
 
 
@@ -64,7 +63,8 @@ def repair_cmd(
     device: str = typer.Option("auto", "--device", help="torch device for tuning: auto, cpu, cuda."),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON to stdout instead of a table."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr (bars in a terminal, stage lines otherwise)."),
+    log_json: Optional[Path] = _options.LOG_JSON,
     layout: Optional[str] = _options.LAYOUT,
     scale: Optional[float] = _options.SCALE,
     mean: Optional[str] = _options.MEAN,
@@ -85,7 +85,7 @@ def repair_cmd(
         model, method, train, output=output, val=val_ds, contract=contract, config=cfg,
         max_accuracy_drop=max_accuracy_drop, force=force, protected=protected, privileged=privileged, unprivileged=unprivileged,
         eval_corruptions=tuple(s for s in eval_corruptions.split(",") if s) if eval_corruptions else None,
-        provider=provider, device=device, seed=seed, report_path=report, progress=Reporter(enabled=not quiet),
+        provider=provider, device=device, seed=seed, report_path=report, progress=_options.reporter(quiet, log_json, model),
     )
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
