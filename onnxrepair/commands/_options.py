@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import typer
 
 from ..data.contract import InputContract, contract_from_metadata, finalize_contract, resolve_contract
@@ -101,8 +102,10 @@ def load_data(
     if path is None:
         raise UsageError("no data given (--data)")
     prot = [protected] if isinstance(protected, str) else protected
-    ds = load_dataset(path, split=split, target=target, protected=prot, limit=limit, seed=seed)
+    ds = load_dataset(path, split=split, target=target, protected=prot, limit=limit, seed=seed,
+                      encoding=contract.encoding if contract is not None else None)
     if contract is not None:
+        adopt_data(contract, ds)
         finalize_contract(contract, ds.x[:256])
         if ds.x.ndim == 4 and contract.image_shape and contract.layout in ("nchw", "nhwc"):
             want = tuple(contract.image_shape[1:])
@@ -121,6 +124,20 @@ def reporter(quiet: bool, log_json: Path | None, *inputs):
     if log_json is not None:
         check_output_path(log_json, *inputs)
     return Reporter(enabled=not quiet, log_json=str(log_json) if log_json is not None else None)
+
+
+def adopt_data(contract: InputContract, ds: ArrayDataset) -> None:
+    """What the loader decided becomes part of the contract: a CSV's column encoding (stored with a repaired model,
+    so evaluation encodes the same way) and its notes; flat rows of pixels (a headerless MNIST CSV) become images
+    when the model takes images of exactly that many values."""
+    if ds.encoding is not None and contract.encoding is None:
+        contract.encoding = ds.encoding
+    contract.notes += [n for n in ds.notes if n not in contract.notes]
+    if ds.x.ndim == 2 and contract.layout in ("nchw", "nhwc") and contract.image_shape and ds.x.shape[1] == int(np.prod(contract.image_shape)):
+        ds.x = ds.x.reshape(len(ds.x), *contract.image_shape)
+        if ds.x.size and float(ds.x.min()) >= 0 and float(ds.x.max()) <= 255 and np.all(ds.x == np.round(ds.x)) and float(ds.x.max()) > 1:
+            ds.x = ds.x.astype(np.uint8)  # whole numbers 0-255: 8-bit pixels
+        contract.notes.append(f"rows of {ds.x[0].size} values read as {'x'.join(map(str, contract.image_shape))} images (channel-first, row-major)")
 
 
 def parse_severities(spec: str) -> list[int]:

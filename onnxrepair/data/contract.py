@@ -30,6 +30,7 @@ class InputContract:
     source: str = "default"  # flags | config | metadata | guessed | default: where the contract came from
     notes: list[str] = field(default_factory=list)
     guessed: tuple[str, ...] = ()  # fields that were guessed (finalised from the data by finalize_contract)
+    encoding: dict | None = None  # CSV: raw columns -> features (one-hot, dropped, label values); stored with the model
 
     @property
     def is_image(self) -> bool:
@@ -75,6 +76,8 @@ class InputContract:
         d = asdict(self)
         d.pop("notes")
         d.pop("guessed")
+        if d.get("encoding") is None:
+            d.pop("encoding")  # contracts without one read as before
         return json.dumps(d)
 
     @classmethod
@@ -360,6 +363,7 @@ def resolve_contract(
         source=source,
         notes=notes,
         guessed=tuple(k for k, v in sources.items() if v == "guessed"),
+        encoding=metadata.encoding if metadata is not None else None,
     )
 
 

@@ -11,7 +11,8 @@
   rebuilds numpy arrays, so a hostile pickle cannot run code;
 * MNIST IDX files (``*-images-idx3-ubyte[.gz]`` with their ``*-labels-idx1-ubyte[.gz]`` beside them,
   or a folder holding them);
-* ``*.csv`` → :func:`onnxrepair.data.tabular.load_csv` (tabular data, owned by that module).
+* ``*.csv`` / ``*.csv.gz`` → :func:`onnxrepair.data.tabular.load_csv` (tabular data; headerless files take the
+  last column as the label; text columns are one-hot encoded).
 
 ``resize=(H, W)`` resizes images to the model's spatial size (Pillow bilinear for files, torch bilinear
 for arrays); the dtype stays what it was (uint8 stays uint8).
@@ -25,6 +26,8 @@ import logging
 import os
 import pickle
 import struct
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -48,16 +51,18 @@ def load_dataset(
     protected: Sequence[str] | None = None,
     limit: int | None = None,
     seed: int = 0,
+    encoding: dict | None = None,
 ) -> ArrayDataset:
     """Load ``path`` (see the module docstring). ``split`` ("train"/"test") picks a part where the source has
-    several; ``limit`` keeps a random stratified subset of that many rows."""
+    several; ``limit`` keeps a random stratified subset of that many rows; ``encoding`` (CSV) is the column
+    encoding a repaired model stored (:func:`onnxrepair.data.tabular.plan_encoding`), applied instead of a new one."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{p}: no such file or directory")
     name = p.name.lower()
     try:
         if p.is_file() and name.endswith((".csv", ".csv.gz")):
-            ds = _load_csv(p, target, protected)
+            ds = _load_csv(p, target, protected, encoding)
         elif p.is_file() and name.endswith(".npz"):
             ds = load_npz(p)
         elif _is_idx(p):
@@ -72,7 +77,9 @@ def load_dataset(
             raise DataError(f"{p}: unknown data format; expected .npz, .csv, an image folder root/<class>/*.jpg, CIFAR python batches or MNIST IDX files")
     except (DataError, UsageError):
         raise
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError, struct.error, KeyError) as e:
+    except zipfile.BadZipFile as e:  # a damaged or truncated .npz is bad data, not an internal error
+        raise DataError(f"{p}: not a readable .npz (damaged or truncated zip archive: {e})") from e
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, struct.error, KeyError, zlib.error) as e:
         raise DataError(f"{p}: cannot read the data: {type(e).__name__}: {e}") from e
     if len(ds) == 0:
         raise DataError(f"{p}: the dataset is empty")
@@ -294,12 +301,12 @@ def load_idx(p: Path, split: str | None = None) -> ArrayDataset:
 # ----------------------------------------------------------------------------- CSV (tabular)
 
 
-def _load_csv(p: Path, target: str | None, protected: Sequence[str] | None) -> ArrayDataset:
+def _load_csv(p: Path, target: str | None, protected: Sequence[str] | None, encoding: dict | None = None) -> ArrayDataset:
     try:
         from . import tabular  # owned by the fairness work
     except ImportError:
         raise UsageError(f"{p}: CSV data needs onnxrepair.data.tabular, which is not available") from None
-    return tabular.load_csv(p, target=target, protected=list(protected) if protected else None)
+    return tabular.load_csv(p, target=target, protected=list(protected) if protected else None, encoding=encoding)
 
 
 # ----------------------------------------------------------------------------- helpers
