@@ -76,6 +76,7 @@ class EvalReport:
     seconds: float
     images_scored: int  # model evaluations performed on onnxruntime (all models, all copies)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # loud: e.g. near-chance accuracy under a guessed contract
 
     @property
     def images_per_s(self) -> float:
@@ -341,6 +342,7 @@ def evaluate_models(
               for m in ms if m.session.fixed_batch is not None and m.session.fixed_batch != batch_size]
     if attack_names:
         notes.append(f"attacks crafted per model on its own converted torch graph (white-box), scored on onnxruntime; {adv_n} images attacked")
+    warnings = [w for m, r in zip(ms, results) if (w := chance_warning(m.name, m.contract, r.clean, y_all)) is not None]
     rep = EvalReport(
         models=results,
         dataset=ds.name,
@@ -353,9 +355,101 @@ def evaluate_models(
         seconds=time.perf_counter() - t_start,
         images_scored=scored,
         notes=notes,
+        warnings=warnings,
     )
     rep.generation_seconds = t_gen  # type: ignore[attr-defined]  (bench reads it; not part of the JSON)
     return rep
+
+
+# ----------------------------------------------------------------------------- a wrong contract looks like a bad model
+
+
+def chance_level(y: np.ndarray) -> float:
+    """What always answering the most frequent class scores."""
+    return float(np.bincount(y).max() / len(y)) if len(y) else 0.0
+
+
+def chance_warning(name: str, contract: InputContract, clean: float, y: np.ndarray | None) -> str | None:
+    """A loud line when an image model scores near chance on labelled data under a contract that was (partly)
+    guessed: that is far more often wrong preprocessing than a broken model."""
+    scale_guessed = any(n.startswith("scale ") and " guessed" in n for n in contract.notes)  # finalize_contract settles it from the data
+    if y is None or not len(y) or not contract.is_image or not (scale_guessed or {"mean", "std", "scale"} & set(contract.guessed)):
+        return None
+    chance = chance_level(y)
+    if clean > chance + 0.2 * (1.0 - chance):
+        return None
+    norm = "no mean/std" if contract.mean is None and contract.std is None else f"mean {contract.mean}, std {contract.std}"
+    return (f"{name} scores {100 * clean:.2f} % (chance {100 * chance:.2f} %) under a guessed input contract ({contract.layout}, "
+            f"scale {contract.scale:g}, {norm}): the preprocessing is probably wrong, not the model; rerun with --find-contract "
+            "or give --scale/--mean/--std/--layout")
+
+
+# the model-side transforms --find-contract tries: what the model expects of pixels in [0, 1] (mean, std)
+CONTRACT_CANDIDATES: dict[str, tuple[tuple[float, ...] | None, tuple[float, ...] | None]] = {
+    "[0,1]": (None, None),
+    "[0,255]": ((0.0,), (1 / 255,)),
+    "[-1,1]": ((0.5,), (0.5,)),
+    "ImageNet mean/std": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "CIFAR-10 mean/std": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "MNIST mean/std": ((0.1307,), (0.3081,)),
+}
+
+
+def find_contract(
+    model: str | os.PathLike | Session,
+    dataset: ArrayDataset,
+    base: InputContract,
+    *,
+    sample: int = 512,
+    seed: int = 0,
+    provider: str = "auto",
+) -> tuple[InputContract, list[dict]]:
+    """Try the usual preprocessing candidates on a stratified labelled sample and return the best contract and
+    every candidate's accuracy (best first).
+
+    Candidates: the model takes pixels in [0, 1], in [0, 255], in [-1, 1], or normalised with ImageNet, CIFAR-10
+    or MNIST mean/std (those matching the image's channel count), each in NCHW and NHWC where the model accepts
+    that shape. The data side (raw values -> [0, 1], ``base.scale``) stays as guessed from the data's range, so
+    corruptions and attack budgets keep their pixel meaning; "a model that takes 0-255 pixels" is std 1/255.
+    Ties keep the earlier candidate (the base contract's layout, [0, 1] first).
+    """
+    import dataclasses
+
+    if dataset.y is None:
+        raise UsageError("--find-contract needs labelled data")
+    if dataset.x.ndim != 4:
+        raise UsageError("--find-contract searches image preprocessing; the data are not images")
+    _, _, sess = open_model(model, provider)
+    ds = dataset.limit(sample, seed=seed)
+    c = ds.x.shape[1]
+    layouts = [base.layout] + [lay for lay in ("nchw", "nhwc") if lay != base.layout]
+    dtype = np.dtype(ORT_TO_NP.get(sess.sess.get_inputs()[0].type, np.float32))
+    tried: list[dict] = []
+    best: InputContract | None = None
+    best_acc = -1.0
+    for lay in layouts:
+        for label, (mean, std) in CONTRACT_CANDIDATES.items():
+            if mean is not None and len(mean) not in (1, c):
+                continue
+            cand = dataclasses.replace(base, layout=lay, mean=mean, std=std, notes=[], guessed=())
+            try:
+                feed = np.ascontiguousarray(cand.to_model(cand.to_unit(ds.x)).numpy(), dtype=dtype)
+                pred = sess.classes(sess.run({sess.input_names[0]: feed})[0])
+            except Exception:  # the model does not take this layout: not a candidate
+                continue
+            acc = float((pred == ds.y).mean())
+            tried.append({"preprocessing": label, "layout": lay, "mean": mean, "std": std, "accuracy": acc})
+            if acc > best_acc:
+                best, best_acc = cand, acc
+    if best is None:
+        raise UsageError("--find-contract: the model took none of the candidate inputs")
+    tried.sort(key=lambda t: -t["accuracy"])
+    top = tried[0]
+    nxt = f"; next best {tried[1]['preprocessing']} ({tried[1]['layout']}) {100 * tried[1]['accuracy']:.2f} %" if len(tried) > 1 else ""
+    best.source = "found"
+    best.notes = [f"contract found by --find-contract: model takes {top['preprocessing']} ({top['layout']}), scale {best.scale:g}; "
+                  f"{100 * top['accuracy']:.2f} % on {len(ds)} labelled images{nxt}"]
+    return best, tried
 
 
 def _feeder(m: _Model):

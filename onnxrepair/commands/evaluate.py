@@ -47,6 +47,7 @@ def evaluate_cmd(
     mean: Optional[str] = _options.MEAN,
     std: Optional[str] = _options.STD,
     config: Optional[Path] = _options.CONFIG,
+    find: bool = typer.Option(False, "--find-contract", help="Try the usual preprocessing (pixels in [0,1], [0,255], [-1,1]; ImageNet, CIFAR-10, MNIST mean/std; NCHW/NHWC) on 512 labelled images and use the best, per model (recorded in the report)."),
 ) -> None:
     """Clean, per-class, corruption (mCA), DeepPatch-robustness and adversarial accuracy on onnxruntime."""
     from ..evaluate import evaluate_models
@@ -78,6 +79,14 @@ def evaluate_cmd(
 
     for c in contracts:
         finalize_contract(c, ds.x[:256])
+    searched = {}
+    if find:
+        if mean or std or layout or config:
+            raise UsageError("--find-contract searches layout and mean/std itself; leave out --layout/--mean/--std/--config (or drop --find-contract)")
+        from ..evaluate import find_contract
+
+        for i, m in enumerate(models):
+            contracts[i], searched[m.stem if m.stem not in searched else f"{m.stem}#{i + 1}"] = find_contract(m, ds, contracts[i], seed=seed, provider=provider)
     spec = None
     if protected is not None:
         from ..data.tabular import resolve_protected
@@ -93,6 +102,10 @@ def evaluate_cmd(
         progress=_options.reporter(quiet or as_json, log_json, *models),
     )  # fmt: skip
     d = rep.to_dict()
+    if searched:
+        d["contract_search"] = searched
+    for w in rep.warnings:
+        typer.secho(f"WARNING: {w}", err=True, fg="red", bold=True)
     if spec is not None:
         from ..fairness import evaluate_fairness
 

@@ -362,7 +362,8 @@ def resolve_contract(
         image_shape=tuple(int(v) for v in image_shape) if image_shape is not None else None,
         source=source,
         notes=notes,
-        guessed=tuple(k for k, v in sources.items() if v == "guessed"),
+        # mean/std left unset on an image model count as guessed ("no normalisation"): evaluate warns when that guess scores near chance
+        guessed=tuple(k for k, v in sources.items() if v == "guessed") + (("mean", "std") if lay != "tabular" and mean_v is None and std_v is None and sources["mean"] is None and sources["std"] is None else ()),
         encoding=metadata.encoding if metadata is not None else None,
     )
 
