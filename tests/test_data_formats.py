@@ -109,3 +109,52 @@ def test_damaged_npz_is_bad_data_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert err.count("\n") == 0 and err.startswith(f"error: {bad}: not a readable .npz")
+
+
+def _png(path, w, h, mode="RGB"):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (w, h), 128).save(path)
+
+
+def test_image_folder_says_what_it_found(tmp_path):
+    for c, k in (("cat", 3), ("dog", 2)):
+        for i in range(k):
+            _png(tmp_path / c / f"{i}.png", 8, 6)
+    ds = load_dataset(tmp_path)
+    assert ds.x.shape == (5, 3, 6, 8)
+    assert ds.notes[0] == f"image folder {tmp_path}: 2 class folder(s): cat (3), dog (2); 5 images of 8x6 (RGB)"
+
+
+def test_image_folder_refuses_non_images_and_loose_files(tmp_path):
+    """Seen: any directory taken as an image folder (a folder of plot PNGs became 3 'classes')."""
+    _png(tmp_path / "a" / "0.png", 8, 8)
+    (tmp_path / "a" / "results.json").write_text("{}")
+    with pytest.raises(DataError, match=r"1 entry is not image files \(e.g. results.json\)"):
+        load_dataset(tmp_path)
+    (tmp_path / "a" / "results.json").unlink()
+    _png(tmp_path / "plot.png", 8, 8)
+    with pytest.raises(DataError, match="1 image\\(s\\) lie beside the class folders"):
+        load_dataset(tmp_path)
+    flat = tmp_path / "flat"
+    _png(flat / "x.png", 8, 8)
+    with pytest.raises(DataError, match=r"no class folders .* \(found 1 file\(s\) in it, e.g. x.png"):
+        load_dataset(flat)
+
+
+def test_image_folder_checks_sizes_from_headers_before_decoding(tmp_path, monkeypatch):
+    _png(tmp_path / "a" / "0.png", 380, 560)
+    _png(tmp_path / "b" / "0.png", 380, 560)
+    _png(tmp_path / "b" / "1.png", 640, 480)
+    import numpy
+
+    decoded = []
+    real = numpy.asarray
+    monkeypatch.setattr("onnxrepair.data.loaders.np.asarray", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    with pytest.raises(DataError, match=r"images of 2 sizes \(380x560 \(2\), 640x480 \(1\)\)"):
+        load_dataset(tmp_path)
+    assert decoded == []  # refused from the headers alone
+    monkeypatch.undo()
+    ds = load_dataset(tmp_path, resize=(28, 28))
+    assert ds.x.shape == (3, 3, 28, 28) and "images resized to the model's 28x28" in ds.notes

@@ -102,7 +102,10 @@ def load_data(
     if path is None:
         raise UsageError("no data given (--data)")
     prot = [protected] if isinstance(protected, str) else protected
-    ds = load_dataset(path, split=split, target=target, protected=prot, limit=limit, seed=seed,
+    folder_size = None  # an image folder is decoded at the model's size (mixed sizes allowed, said in a note)
+    if contract is not None and Path(path).is_dir() and contract.image_shape and contract.layout in ("nchw", "nhwc"):
+        folder_size = tuple(int(v) for v in contract.image_shape[1:])
+    ds = load_dataset(path, split=split, target=target, protected=prot, limit=limit, seed=seed, resize=folder_size,
                       encoding=contract.encoding if contract is not None else None)
     if contract is not None:
         adopt_data(contract, ds)
