@@ -14,6 +14,7 @@ import logging
 import os
 import pkgutil
 import sys
+import warnings
 
 import typer
 
@@ -50,6 +51,10 @@ def _root(
 
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # onnx2torch's converters trip torch deprecation warnings (slice indexing) that say nothing to a user of
+        # this tool; --verbose shows them
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"onnx2torch(\.|$)")
 
 
 class Interrupted(OnnxRepairError):

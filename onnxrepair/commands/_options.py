@@ -31,7 +31,7 @@ SCALE = typer.Option(None, "--scale", help="Raw values are divided by S to reach
 MEAN = typer.Option(None, "--mean", help="Per-channel mean applied after scaling, e.g. 0.4914,0.4822,0.4465.")
 STD = typer.Option(None, "--std", help="Per-channel std applied after scaling, e.g. 0.247,0.243,0.261.")
 LOG_JSON = typer.Option(None, "--log-json", help="Write progress as JSON lines here: one object per stage, task and training epoch (loss, calibration scores).")
-CONFIG = typer.Option(None, "--config", help="TOML file with layout/scale/mean/std (top level or an [input] table).")
+CONFIG = typer.Option(None, "--config", help="TOML file with layout/scale/mean/std (top level or an \\[input] table).")
 
 
 def model_input_shape(model: str | os.PathLike) -> tuple[tuple, object]:

@@ -13,7 +13,6 @@ from typing import Optional
 
 import typer
 
-from .. import methods as registry
 from ..errors import UsageError
 from . import _options
 
@@ -72,6 +71,7 @@ def repair_cmd(
     config: Optional[Path] = _options.CONFIG,
 ) -> None:
     """Repair MODEL with a registered method; write OUT.onnx only if it keeps clean accuracy."""
+    from .. import methods as registry  # imports torch: only when the command runs, not for --help
     from ..repair import repair
 
     spec = registry.get(method)
@@ -110,6 +110,16 @@ def _metric_rows(m: dict) -> dict[str, float]:
     return rows
 
 
+_DIFFERENCES = ("spd", "aaod", "eod", "abs_spd", "abs_eod")  # group differences: shown as numbers, as evaluate shows them
+
+
+def _metric_cells(key: str, before: float, after: float) -> tuple[str, str, str, str]:
+    """A row as evaluate prints it: accuracies and rates in percent (change in points), differences as numbers."""
+    if key in _DIFFERENCES:
+        return key, f"{before:+.4f}" if key in ("spd", "eod") else f"{before:.4f}", f"{after:+.4f}" if key in ("spd", "eod") else f"{after:.4f}", f"{after - before:+.4f}"
+    return f"{key} (%)", f"{100 * before:.2f}", f"{100 * after:.2f}", f"{100 * (after - before):+.2f} pts"
+
+
 def print_repair_result(res) -> None:
     """Before/after table on stdout; the last line says PASSED/FAILED like a validation tool."""
     from rich.console import Console
@@ -121,12 +131,12 @@ def print_repair_result(res) -> None:
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
+    table.add_column("change", justify="right")  # percentages change in points; group differences (SPD, AAOD, EOD) as numbers
     for k in [k for k in b if k in a]:
         if isinstance(b[k], int):  # counts (rows per group): no change to show
             table.add_row(k, str(b[k]), str(a[k]), "")
             continue
-        table.add_row(k, f"{float(b[k]):.4f}", f"{float(a[k]):.4f}", f"{float(a[k]) - float(b[k]):+.4f}")
+        table.add_row(*_metric_cells(k, float(b[k]), float(a[k])))
     console.print(table)
     info = res.info or {}
     if "routing_calib" in info:
