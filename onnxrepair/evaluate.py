@@ -106,6 +106,7 @@ class _Model:
     in_shape: tuple
     num_outputs: int | None
     torch_model: ModelWithContract | None = None
+    unit_contract: InputContract | None = None  # the same model input from the run's shared unit tensor (see unit_equivalent)
 
 
 def _model_shape_from_session(s: Session) -> tuple:
@@ -146,7 +147,25 @@ def _torch_model(m: _Model) -> ModelWithContract:
         raise UsageError("attacks need the model file (to convert it to torch), not only a session")
     from converters import convert
 
-    return ModelWithContract(convert(m.path).gm, m.contract).eval()
+    return ModelWithContract(convert(m.path).gm, m.unit_contract or m.contract).eval()
+
+
+def unit_equivalent(contract: InputContract, ref_scale: float) -> InputContract:
+    """The contract that gives ``contract``'s model input from a unit tensor made with ``ref_scale``.
+
+    Models are compared on one shared unit tensor (raw / ref_scale) that every corruption and attack acts on. A
+    model whose contract divides raw values by another scale s sees ``raw / s = unit * f`` with ``f = ref_scale / s``;
+    ``((unit * f) - mean) / std = (unit - mean / f) / (std / f)``, so its mean and std are rescaled instead of the
+    data. Per-model contracts (from each model's metadata or its own ``--config``) can thus differ in scale too.
+    """
+    import dataclasses
+
+    f = ref_scale / contract.scale
+    if f == 1.0:
+        return contract
+    mean = tuple(v / f for v in contract.mean) if contract.mean is not None else None
+    std = tuple(v / f for v in contract.std) if contract.std is not None else (1.0 / f,)
+    return dataclasses.replace(contract, scale=ref_scale, mean=mean, std=std, notes=[])
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -213,8 +232,13 @@ def evaluate_models(
         inp = sess.sess.get_inputs()[0]
         ms.append(_Model(name, path, sess, con, inp.name, np.dtype(ORT_TO_NP.get(inp.type, np.float32)), shape, _num_outputs(sess)))
 
-    if len({m.contract.scale for m in ms}) > 1:
-        raise UsageError("the models' contracts use different pixel scales; evaluate them separately or pass one --scale")
+    # one unit tensor for all models: raw / the scale the data's range calls for, when a model uses it, else the first model's
+    from .data.contract import guess_scale
+
+    data_scale = guess_scale(ds.x[:256])[0] if ds.x.ndim == 4 else ms[0].contract.scale
+    ref_scale = data_scale if any(m.contract.scale == data_scale for m in ms) else ms[0].contract.scale
+    for m in ms:
+        m.unit_contract = unit_equivalent(m.contract, ref_scale)
     n = len(ds)
     y_all = ds.y
     steps_per_batch = 1 + len(corr_names) * len(sev) + (len(DEEPPATCH_SIGMAS) if blur else 0)
@@ -229,10 +253,10 @@ def evaluate_models(
     def predict(m: _Model, unit: torch.Tensor, cache: dict) -> np.ndarray:
         # models whose contracts make the same input share one feed (keyed by value, not identity: the CLI
         # builds one contract object per model)
-        key = (m.contract.key(), m.in_dtype)
+        key = (m.unit_contract.key(), m.in_dtype)
         feed = cache.get(key)
         if feed is None:
-            feed = np.ascontiguousarray(m.contract.to_model(unit).detach().cpu().numpy(), dtype=m.in_dtype)
+            feed = np.ascontiguousarray(m.unit_contract.to_model(unit).detach().cpu().numpy(), dtype=m.in_dtype)
             cache[key] = feed
         out = m.session.run({m.in_name: feed})[0]
         return m.session.classes(out)
@@ -253,7 +277,7 @@ def evaluate_models(
                 lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
                 yb = y_all[lo:hi]
                 # all models share the unit tensor; contracts differ only in to_model
-                unit_dev = ms[0].contract.to_unit(ds.x[lo:hi]).to(dev)
+                unit_dev = ms[0].unit_contract.to_unit(ds.x[lo:hi]).to(dev)
                 for c in corr_names:
                     for s in sev:
                         if s not in C.SEVERITIES[c]:
@@ -296,7 +320,7 @@ def evaluate_models(
                     correct = 0
                     for lo in range(0, adv_n, abs_):
                         hi = min(adv_n, lo + abs_)
-                        xu = m.contract.to_unit(ads.x[lo:hi]).to(dev)
+                        xu = m.unit_contract.to_unit(ads.x[lo:hi]).to(dev)
                         yt = torch.as_tensor(ads.y[lo:hi], device=dev)
                         atk = make_attack(a, tm, e, steps=attack_steps, seed=C.seed_for(seed, a, 0, lo))
                         xa = atk(xu, yt)

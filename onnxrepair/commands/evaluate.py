@@ -46,7 +46,7 @@ def evaluate_cmd(
     scale: Optional[float] = _options.SCALE,
     mean: Optional[str] = _options.MEAN,
     std: Optional[str] = _options.STD,
-    config: Optional[Path] = _options.CONFIG,
+    config: Optional[List[Path]] = typer.Option(None, "--config", help="TOML file with layout/scale/mean/std (top level or an \\[input] table); once for every model, or once per model in their order. Unset: each model's own metadata, else a guess."),
     find: bool = typer.Option(False, "--find-contract", help="Try the usual preprocessing (pixels in [0,1], [0,255], [-1,1]; ImageNet, CIFAR-10, MNIST mean/std; NCHW/NHWC) on 512 labelled images and use the best, per model (recorded in the report)."),
 ) -> None:
     """Clean, per-class, corruption (mCA), DeepPatch-robustness and adversarial accuracy on onnxruntime."""
@@ -70,8 +70,12 @@ def evaluate_cmd(
         raise UsageError(f"--protected needs tabular CSV data (with --target); {data} is not a .csv file")
     contracts = []
     ds = None
-    for m in models:
-        c = _options.build_contract(m, layout=layout, scale=scale, mean=mean, std=std, config=config)
+    configs = list(config or [])
+    if len(configs) not in (0, 1, len(models)):
+        raise UsageError(f"--config given {len(configs)} times for {len(models)} models: give it once for all, or once per model")
+    for i, m in enumerate(models):
+        cfg = configs[i] if len(configs) == len(models) else (configs[0] if configs else None)
+        c = _options.build_contract(m, layout=layout, scale=scale, mean=mean, std=std, config=cfg)
         if ds is None:
             ds = _options.load_data(data, c, target=target, split=split, protected=protected)
         contracts.append(c)
