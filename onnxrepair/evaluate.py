@@ -12,7 +12,8 @@ Figures, per model:
 * adversarial accuracy per attack × ε. Attacks are white-box and crafted **per model on that model's own
   converted torch graph** (onnx2torch), through the input contract so ε is in pixel units; the adversarial
   images are then scored on onnxruntime. (So models are compared on attacks against themselves, not on the
-  same adversarial images.)
+  same adversarial images.) ``attack_source="first"`` instead crafts them once on the first model and scores the
+  same adversarial images on every model (transfer).
 
 Everything the models see is scored by onnxruntime; torch only generates inputs.
 """
@@ -76,6 +77,7 @@ class EvalReport:
     seconds: float
     images_scored: int  # model evaluations performed on onnxruntime (all models, all copies)
     notes: list[str] = field(default_factory=list)
+    attack_source: str = "each"  # "each": white-box per model; "first": crafted on the first model, scored on all
     warnings: list[str] = field(default_factory=list)  # loud: e.g. near-chance accuracy under a guessed contract
 
     @property
@@ -191,6 +193,7 @@ def evaluate_models(
     seed: int = 0,
     names: Sequence[str] | None = None,
     progress: Reporter = SILENT,
+    attack_source: str = "each",
 ) -> EvalReport:
     """Evaluate ``models`` (paths or :class:`Session`) on ``dataset`` under the same perturbed inputs.
 
@@ -200,10 +203,16 @@ def evaluate_models(
     ``attack_limit`` caps the images attacked (attacks cost far more than inference). ``device`` runs the
     corruptions and attacks (default: CUDA when available). Raises DataError / UsageError / ModelError with
     one clear line when data and model do not fit.
+
+    ``attack_source``: "each" (default) crafts white-box attacks per model on its own graph; "first" crafts them
+    once on the first model and scores those same adversarial images on every model (the transfer protocol,
+    e.g. of DARE's evaluation: a repaired model judged on the original's adversarial examples).
     """
     t_start = time.perf_counter()
     if not models:
         raise UsageError("no model given")
+    if attack_source not in ("each", "first"):
+        raise UsageError(f"attack source must be 'each' or 'first', not {attack_source!r}")
     corr_names = C.resolve_names(list(corruptions) if not isinstance(corruptions, str) else corruptions)
     attack_names = resolve_attacks(list(attacks) if not isinstance(attacks, str) else attacks)
     sev = sorted({int(s) for s in severities})
@@ -312,23 +321,31 @@ def evaluate_models(
         adv_n = len(ads)
         plan = [(a, e) for a in attack_names for e in (eps_l2 if ATTACKS[a].norm == "l2" else eps)]
         abs_ = min(batch_size, 256)
-        with progress.task("attacking", total=len(ms) * len(plan) * ((adv_n + abs_ - 1) // abs_)) as advance:
-            for m in ms:
+        crafters = ms if attack_source == "each" else ms[:1]
+        with progress.task("attacking", total=len(crafters) * len(plan) * ((adv_n + abs_ - 1) // abs_)) as advance:
+            for src in crafters:
                 t0 = time.perf_counter()
-                tm = _torch_model(m).to(dev)
+                tm = _torch_model(src).to(dev)
+                targets = [src] if attack_source == "each" else ms  # "first": the same adversarial images for every model
                 for a, e in plan:
-                    correct = 0
+                    correct = {m.name: 0 for m in targets}
                     for lo in range(0, adv_n, abs_):
                         hi = min(adv_n, lo + abs_)
-                        xu = m.unit_contract.to_unit(ads.x[lo:hi]).to(dev)
+                        xu = src.unit_contract.to_unit(ads.x[lo:hi]).to(dev)
                         yt = torch.as_tensor(ads.y[lo:hi], device=dev)
                         atk = make_attack(a, tm, e, steps=attack_steps, seed=C.seed_for(seed, a, 0, lo))
                         xa = atk(xu, yt)
-                        correct += int((predict(m, xa, {}) == ads.y[lo:hi]).sum())
-                        scored += hi - lo
+                        cache: dict = {}
+                        for m in targets:
+                            t1 = time.perf_counter()
+                            correct[m.name] += int((predict(m, xa, cache) == ads.y[lo:hi]).sum())
+                            if m is not src:
+                                secs[m.name]["attacks"] += time.perf_counter() - t1
+                            scored += hi - lo
                         advance()
-                    adv_acc[m.name].setdefault(a, {})[float(e)] = correct / adv_n
-                secs[m.name]["attacks"] += time.perf_counter() - t0
+                    for m in targets:
+                        adv_acc[m.name].setdefault(a, {})[float(e)] = correct[m.name] / adv_n
+                secs[src.name]["attacks"] += time.perf_counter() - t0
 
     results = []
     classes = ds.classes or [str(i) for i in range(int(y_all.max()) + 1)]
@@ -364,8 +381,11 @@ def evaluate_models(
     notes = [f"{m.name}: {note}" for m in ms for note in m.contract.notes]
     notes += [f"{m.name}: the model's batch is fixed at {m.session.fixed_batch}; fed in chunks of {m.session.fixed_batch}"
               for m in ms if m.session.fixed_batch is not None and m.session.fixed_batch != batch_size]
-    if attack_names:
+    if attack_names and attack_source == "each":
         notes.append(f"attacks crafted per model on its own converted torch graph (white-box), scored on onnxruntime; {adv_n} images attacked")
+    elif attack_names:
+        notes.append(f"attacks crafted once on {ms[0].name}'s converted torch graph and the same adversarial images scored on every model "
+                     f"(transfer; white-box for {ms[0].name} only), on onnxruntime; {adv_n} images attacked")
     warnings = [w for m, r in zip(ms, results) if (w := chance_warning(m.name, m.contract, r.clean, y_all)) is not None]
     rep = EvalReport(
         models=results,
@@ -379,6 +399,7 @@ def evaluate_models(
         seconds=time.perf_counter() - t_start,
         images_scored=scored,
         notes=notes,
+        attack_source=attack_source,
         warnings=warnings,
     )
     rep.generation_seconds = t_gen  # type: ignore[attr-defined]  (bench reads it; not part of the JSON)

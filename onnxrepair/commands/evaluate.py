@@ -22,7 +22,8 @@ def evaluate_cmd(
     corruptions: str = typer.Option("", "--corruptions", help="all | deeppatch | NAME,... (CIFAR-10-C names, DeepPatch transforms). Default: none."),
     severities: str = typer.Option("1-5", "--severities", help="Severities, e.g. 1-5 or 1,3,5."),
     blur: bool = typer.Option(True, "--blur/--no-blur", help="DeepPatch robustness accuracy (clean + 6 Gaussian blurs)."),
-    attacks: str = typer.Option("", "--attacks", help="fgsm,pgd,pgdl2,cw (or all); crafted white-box per model."),
+    attacks: str = typer.Option("", "--attacks", help="fgsm,pgd,pgdl2,cw (or all); crafted white-box per model (see --attack-source)."),
+    attack_source: str = typer.Option("each", "--attack-source", help="each: craft attacks on every model's own graph (white-box); first: craft once on the first model and score the same adversarial images on every model (transfer)."),
     eps: str = typer.Option("8/255", "--eps", help="L-inf budgets (pixel units), comma separated."),
     eps_l2: str = typer.Option("0.5", "--eps-l2", help="L2 budgets for pgdl2 / cw."),
     attack_steps: Optional[int] = typer.Option(None, "--attack-steps", help="Iterations for PGD/CW (default 10 / 50)."),
@@ -59,6 +60,8 @@ def evaluate_cmd(
     # validate names before any work
     resolve_names(corruptions)
     resolve_attacks(attacks)
+    if attack_source not in ("each", "first"):
+        raise UsageError(f"--attack-source must be each or first, not {attack_source!r}")
     sev = _options.parse_severities(severities)
     if report is not None:
         check_output_path(report, *models)
@@ -103,7 +106,7 @@ def evaluate_cmd(
         corruptions=corruptions, severities=sev, blur=blur, attacks=attacks,
         eps=_options.parse_eps(eps), eps_l2=_options.parse_eps(eps_l2), attack_steps=attack_steps, attack_limit=attack_limit,
         limit=limit, batch_size=batch_size, provider=provider, device=device, seed=seed,
-        progress=_options.reporter(quiet or as_json, log_json, *models),
+        progress=_options.reporter(quiet or as_json, log_json, *models), attack_source=attack_source,
     )  # fmt: skip
     d = rep.to_dict()
     if searched:
