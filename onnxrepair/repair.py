@@ -32,7 +32,6 @@ from .io import atomic_path, check_output_path, write_json_atomic
 from .methods import ProtectedSpec, RepairInputs
 from .nn import first_output, looks_like_probabilities, pick_device
 from .progress import SILENT, Reporter
-from .runtime import example_batch
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +184,8 @@ def repair(
 
     t = time.perf_counter()
     progress.stage("export")
+    from .runtime import example_batch  # onnxruntime loads on first use, not with this module
+
     example = contract.to_model(contract.to_unit(tr.x[: example_batch(converted.inputs[0].shape)])).to("cpu")  # a fixed batch stays fixed
     meta = {
         "onnxrepair.method": method,
