@@ -21,18 +21,9 @@ from torch import nn
 
 from ..data.contract import InputContract
 from ..data.dataset import ArrayDataset
+from ..data.protected import ProtectedSpec
 from ..errors import UsageError
 from ..progress import SILENT, Reporter
-
-
-@dataclass
-class ProtectedSpec:
-    """A protected attribute for fairness work: a feature column of the model input."""
-
-    column: str
-    index: int  # position in the model's feature vector
-    privileged: float  # value of the privileged group
-    unprivileged: float  # value of the other group (binary, or the chosen pair)
 
 
 @dataclass
