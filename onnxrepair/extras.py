@@ -31,7 +31,6 @@ from .errors import ModelError, UsageError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("models",)
 ORDERS = ("natural", "given", "mtime")
 
 

@@ -78,6 +78,7 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+EXTRA_KINDS = ("models",)  # what the pipeline can load for a method (onnxrepair.extras)
 
 
 def register(name: str, *, config: type, task: str, summary: str, needs: str, paper: str = "", inputs: str | None = None,
@@ -87,11 +88,9 @@ def register(name: str, *, config: type, task: str, summary: str, needs: str, pa
 
     ``extra_inputs`` maps a config field to a kind of input the pipeline loads and hands in as
     ``RepairInputs.extras[field]`` (kinds in :mod:`onnxrepair.extras`; ``"models"``: ONNX files, converted)."""
-    from ..extras import KINDS
-
     for fld, kind in (extra_inputs or {}).items():
-        if kind not in KINDS:
-            raise ValueError(f"extra input {fld!r}: kind must be one of {KINDS}, not {kind!r}")
+        if kind not in EXTRA_KINDS:
+            raise ValueError(f"extra input {fld!r}: kind must be one of {EXTRA_KINDS}, not {kind!r}")
         if fld not in {f.name for f in dataclasses.fields(config)}:
             raise ValueError(f"extra input {fld!r} is not a field of {config.__name__}")
     if task not in ("robustness", "fairness"):
