@@ -61,6 +61,7 @@ class RepairResult:
     config: dict[str, Any] = field(default_factory=dict)
     output_kind: str = "logits"  # how the methods read the model's first output: "logits" or "probs"
     summary: list[str] = field(default_factory=list)  # the method's own lines (MethodOutput.summarise)
+    environment: dict[str, Any] = field(default_factory=dict)  # device, provider really used, GPU, versions
     version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,6 +276,8 @@ def judge(
     the file into place only when both hold (or ``force`` overrides retention). The report is written either way."""
     from converters.export import save_model
 
+    from .doctor import environment
+
     out_path = check_output_path(output, prep.model_path)
     if report_path is not None:
         check_output_path(report_path, prep.model_path)
@@ -310,6 +313,7 @@ def judge(
             timings_s=timings, latency_ms=lat, output_kind=prep.inputs.output_kind,
             provider=fidelity["reference_provider"], contract=dataclasses.asdict(contract),
             config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}, summary=result.summarise(),
+            environment=environment(dev, fidelity["reference_provider"]),
         )
         res.timings_s["total"] = time.perf_counter() - prep.t0
         if report_path is not None:
