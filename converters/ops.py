@@ -5,7 +5,8 @@ One small converter per (op, since_version). Three kinds:
 * **New semantics**: Reduce*-18/20 (axes moved from an attribute to an optional input), Reshape with
   ``allowzero=1``, CastLike-15/19/21, AveragePool-19 (adds ``dilations``), Pad-18 (``axes`` input),
   Split-18 (``num_outputs``), Resize-18/19 (constant scales/sizes, the modes torch's ``interpolate`` shares),
-  ScatterND-18 (reduction none/add/mul, as a traceable ``index_put``).
+  ScatterND-18 (reduction none/add/mul, as a traceable ``index_put``), AveragePool-7/10/11 with asymmetric
+  pads (onnx2torch refuses them; symmetric ones still go to its converter).
 * **Reshape with a constant target** (every version, 5-21): onnx2torch's ``OnnxReshape`` branches on the
   *values* of the shape tensor (``torch.any(shape == 0)``), a data-dependent branch the dynamo exporter
   cannot trace. Where the target is a constant we emit :class:`StaticReshape`, whose shape is a Python
@@ -249,6 +250,50 @@ for _v in (15, 19, 21):
     add_converter(operation_type="CastLike", version=_v)(_cast_like)
 
 
+# ---------------------------------------------------------------- AveragePool with asymmetric pads
+
+
+class AsymmetricAvgPool(nn.Module, OnnxToTorchModule):
+    """AveragePool whose begin/end pads differ (SAME padding with an odd total, as Keras ``padding='same'``
+    writes it): zero-pad, average, and with ``count_include_pad=0`` divide by the share of real pixels in each
+    window (the same pooling run over a padded mask of ones), which is ONNX's divisor."""
+
+    def __init__(self, kernel: list[int], strides: list[int], pads: list[int], count_include_pad: bool) -> None:
+        super().__init__()
+        r = len(kernel)
+        self.kernel, self.strides, self.count_include_pad = list(kernel), list(strides), bool(count_include_pad)
+        # ONNX [b1.., bn, e1.., en] -> F.pad's last-dim-first (b_n, e_n, ..., b_1, e_1)
+        self.pad = [v for i in reversed(range(r)) for v in (int(pads[i]), int(pads[i + r]))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = {1: torch.nn.functional.avg_pool1d, 2: torch.nn.functional.avg_pool2d, 3: torch.nn.functional.avg_pool3d}[len(self.kernel)]
+        mean = pool(torch.nn.functional.pad(x, self.pad), self.kernel, self.strides)
+        if self.count_include_pad:
+            return mean
+        share = pool(torch.nn.functional.pad(torch.ones_like(x[:1, :1]), self.pad), self.kernel, self.strides)
+        return mean / share
+
+
+def _avg_pool_asymmetric_or(base: Converter) -> Converter:
+    def conv(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        a = node.attributes
+        pads = list(a.get("pads", []))
+        r = len(pads) // 2
+        if (not pads or pads[:r] == pads[r:] or _text(a.get("auto_pad"), "NOTSET") not in ("NOTSET", "")
+                or int(a.get("ceil_mode", 0)) or any(int(d) != 1 for d in a.get("dilations", []) or [])):
+            return base(node, graph)  # onnx2torch's own converter (symmetric pads), or its refusal
+        strides = list(a.get("strides", [1] * r))
+        return OperationConverterResult(
+            torch_module=AsymmetricAvgPool(list(a["kernel_shape"]), strides, pads, bool(int(a.get("count_include_pad", 0)))),
+            onnx_mapping=onnx_mapping_from_node(node))
+
+    return conv
+
+
+for _v in (7, 10, 11):
+    _replace("AveragePool", _v, _avg_pool_asymmetric_or(_CONVERTER_REGISTRY[OperationDescription("", "AveragePool", _v)]))
+
+
 # ---------------------------------------------------------------- pools / pads with new attributes
 
 
@@ -454,4 +499,4 @@ for _d in _CONVERTER_REGISTRY:
     if getattr(fn, "__module__", "") == __name__:
         _REGISTERED.add((_d.operation_type, _d.version))
 
-__all__ = ["StaticReshape", "DynamicReshape", "StaticReduce", "CastLike", "CastTo", "StaticSplit", "StaticResize", "ScatterND", "registered_here"]
+__all__ = ["StaticReshape", "DynamicReshape", "StaticReduce", "CastLike", "CastTo", "StaticSplit", "StaticResize", "ScatterND", "AsymmetricAvgPool", "registered_here"]

@@ -52,33 +52,35 @@ def test_inspect_table_output(capsys):
     assert "repair sites" in out and "residual" in out and "conversion: ready" in out
 
 
-def _avgpool_same_upper(tmp_path):
-    """Every op has a converter (AveragePool-11), but this node's asymmetric SAME padding cannot be converted."""
+def _resize_half_pixel_nearest(tmp_path):
+    """Every op has a converter (Resize-18), but this node's nearest mode is one torch cannot reproduce."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 6, 6])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 2, 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
-    nodes = [helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER", name="avg_same"),
+    nodes = [helper.make_node("Resize", ["x", "", "sc"], ["p"], mode="nearest", coordinate_transformation_mode="half_pixel",
+                              nearest_mode="round_prefer_floor", name="up_halfpixel"),
              helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], name="dense")]
-    g = helper.make_graph(nodes, "g", [x], [y], initializer=[numpy_helper.from_array(np.ones((9, 4), np.float32), "w")])
-    p = tmp_path / "avg_same.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(p))
+    inits = [numpy_helper.from_array(np.ones((16, 4), np.float32), "w"), numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")]
+    g = helper.make_graph(nodes, "g", [x], [y], initializer=inits)
+    p = tmp_path / "resize_half_pixel.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(p))
     return p
 
 
 def test_readiness_is_a_trial_conversion(tmp_path, capsys):
     """Issue 13 item 5: 'ready' used to mean 'every op has a converter'; a node the converter refuses made
     inspect say ready and roundtrip fail."""
-    p = _avgpool_same_upper(tmp_path)
+    p = _resize_half_pixel_nearest(tmp_path)
     assert main(["inspect", str(p), "--json"]) == 0
     conv = json.loads(capsys.readouterr().out)["conversion"]
     assert conv["checked"] == "trial conversion" and not conv["ready"]
-    assert "AveragePool-11" in conv["error"] and "'avg_same'" in conv["error"]
+    assert "Resize-18" in conv["error"] and "'up_halfpixel'" in conv["error"]
     assert main(["inspect", str(p)]) == 0
     out = capsys.readouterr().out
-    assert "conversion: fails" in out and "avg_same" in out and "conversion: ready" not in out
+    assert "conversion: fails" in out and "up_halfpixel" in out and "conversion: ready" not in out
     assert main(["inspect", str(p), "--json", "--ops-only"]) == 0
     conv = json.loads(capsys.readouterr().out)["conversion"]
     assert conv["ready"] and conv["checked"].startswith("op-level only")

@@ -196,13 +196,30 @@ def test_same_auto_pad_is_made_explicit(tmp_path):
             np.testing.assert_allclose(conv.gm(torch.from_numpy(xv)).numpy(), ref, rtol=1e-6, err_msg=mode)
 
 
-def test_same_auto_pad_with_unknown_size_and_asymmetric_avgpool_are_refused_by_name(tmp_path):
+def test_same_auto_pad_with_unknown_size_is_refused_by_name(tmp_path):
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER", name="conv_dyn")]
     msg = _refusal(tmp_path, nodes, {"w": np.ones((1, 1, 3, 3), np.float32)}, ["N", 1, "H", "W"], ["N", 1, "h", "w"], 13)
     assert "ai.onnx::Conv-11" in msg and "'conv_dyn'" in msg and "SAME_UPPER" in msg
-    nodes = [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER", name="avg_same")]
-    msg = _refusal(tmp_path, nodes, {}, ["N", 1, 6, 6], ["N", 1, 3, 3], 13)
-    assert "ai.onnx::AveragePool-11" in msg and "'avg_same'" in msg and "non symmetrical padding" in msg
+
+
+@pytest.mark.parametrize("count_include_pad", [0, 1])
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+def test_average_pool_with_asymmetric_same_padding(tmp_path, mode, count_include_pad):
+    """Keras AveragePooling2D(padding='same') with an odd total pad: onnx2torch refuses asymmetric pads."""
+    nodes = [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], auto_pad=mode,
+                              count_include_pad=count_include_pad, name="avg_same")]
+    m = _model(nodes, {}, ["N", 2, 6, 5], ["N", 2, 3, 3], 11)
+    conv = convert(_save(tmp_path, m))
+    xv = np.random.default_rng(3).random((2, 2, 6, 5), dtype=np.float32)
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": xv})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(conv.gm(torch.from_numpy(xv)).numpy(), ref, rtol=1e-5, atol=1e-6)
+    for exporter in ("legacy", "dynamo"):
+        res = export_like(conv, exporter=exporter)
+        xb = np.random.default_rng(4).random((5, 2, 6, 5), dtype=np.float32)
+        want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": xb})[0]
+        got = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": xb})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=exporter)
 
 
 def test_resize_mode_torch_cannot_match_is_refused_by_name(tmp_path):
