@@ -32,20 +32,27 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
             tmp_p.unlink()
 
 
-def save_model_atomic(model: onnx.ModelProto, dest: str | os.PathLike) -> Path:
-    """Serialise ``model`` to a temporary file beside ``dest`` and rename it into place.
+def write_model(model: onnx.ModelProto, path: str | os.PathLike, data_name: str | None = None) -> None:
+    """Write ``model`` to ``path`` (not atomically: for a caller that holds its own :func:`atomic_path`).
 
-    Past protobuf's 2 GB limit the weights go to one external file ``<dest name>.data`` beside it
-    (written before the rename, so the model file never points at missing data); onnx then leaves ``model``'s
-    tensors pointing at that file instead of holding their bytes.
+    Past protobuf's 2 GB limit the weights go to one external file ``data_name`` (default ``<path name>.data``)
+    beside it; onnx then leaves ``model``'s tensors pointing at that file instead of holding their bytes.
     """
+    path = Path(path)
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=data_name or path.name + ".data")
+    else:
+        onnx.save_model(model, str(path))
+
+
+def save_model_atomic(model: onnx.ModelProto, dest: str | os.PathLike) -> Path:
+    """Serialise ``model`` to a temporary file beside ``dest`` and rename it into place; external weights (see
+    :func:`write_model`) are named after ``dest`` and written before the rename, so the model file never
+    points at missing data."""
     dest = Path(dest)
     with atomic_path(dest) as tmp:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            onnx.save_model(model, str(tmp), save_as_external_data=True, location=dest.name + ".data")
-        else:
-            onnx.save_model(model, str(tmp))
+        write_model(model, tmp, data_name=dest.name + ".data")
     return dest
 
 
-__all__ = ["atomic_path", "save_model_atomic"]
+__all__ = ["atomic_path", "save_model_atomic", "write_model"]

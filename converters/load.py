@@ -235,8 +235,9 @@ def read(path: str | os.PathLike, *, check: bool = True, infer_shapes: bool = Tr
     moved = topological_sort(model.graph)
     if check:
         try:
-            # a path lets the checker handle >2 GB models with external data (an unsorted one is checked in memory)
-            onnx.checker.check_model(str(p) if size > 2**31 and not moved else model, full_check=False)
+            # a path lets the checker handle models past protobuf's 2 GB limit, weights in external files included
+            # (an unsorted one can only be checked in memory, where it was sorted)
+            onnx.checker.check_model(str(p) if (size > 2**31 or external) and not moved else model, full_check=False)
         except Exception as e:
             raise ModelError(f"{p}: fails the ONNX checker{' (after sorting its nodes)' if moved else ''}: {checker_line(e)}") from e
     if infer_shapes:
