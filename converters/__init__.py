@@ -1,6 +1,6 @@
 """The bridge between ONNX files and editable PyTorch graphs.
 
-Knows ONNX and torch, nothing about repair, and imports nothing from ``onnxrepair``: read + check + inventory
+Knows ONNX and torch, nothing about repair, and depends on nothing in the ``onnxrepair`` package: read + check + inventory
 (:mod:`converters.load`, :func:`read`), ONNX -> ``torch.fx.GraphModule`` (:func:`convert`, through
 :mod:`converters.to_torch` with extra op converters in :mod:`converters.ops` and ONNX-level fixes in
 :mod:`converters.onnx_passes`), GraphModule -> ONNX (:func:`export_like`, :mod:`converters.export`), its own
