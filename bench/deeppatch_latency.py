@@ -1,4 +1,4 @@
-"""ORT latency of a DeepPatch-repaired file vs its original: the micro-benchmark behind ``_surgery``'s layout.
+"""ORT latency of a DeepPatch-repaired file vs its original: the micro-benchmark behind ``onnxrepair.graph.patching``'s layout.
 
     .venv/bin/python bench/deeppatch_latency.py                       # repair (1 epoch) + time both fixtures
     .venv/bin/python bench/deeppatch_latency.py --reuse               # time the files from the last run only

@@ -19,7 +19,7 @@ import warnings
 import typer
 
 from . import __version__, commands
-from .errors import OnnxRepairError
+from .errors import USER_ERRORS, OnnxRepairError
 
 app = typer.Typer(
     name="onnxrepair",
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=args, standalone_mode=False, prog_name="onnxrepair")
         return rv if isinstance(rv, int) and rv == 130 else 0  # typer returns 130 for a KeyboardInterrupt it caught
-    except OnnxRepairError as e:
+    except USER_ERRORS as e:  # onnxrepair's and converters' errors: one line, their exit code
         if _state["debug"] and not isinstance(e, Interrupted):
             raise
         typer.echo(f"{'interrupted' if isinstance(e, Interrupted) else 'error'}: {e}", err=True)

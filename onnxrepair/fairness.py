@@ -63,12 +63,12 @@ def evaluate_fairness(
 
     ``models``: a path, a :class:`Session`, a list of them (keys = paths) or a ``{name: model}`` dict;
     the result is keyed the same way and also indexable by position (``res[0]``).
-    ``protected``: a :class:`~onnxrepair.methods.ProtectedSpec` for ``dataset``. The same ``n_pairs``
+    ``protected``: a :class:`~onnxrepair.data.protected.ProtectedSpec` for ``dataset``. The same ``n_pairs``
     counterfactual pairs (seeded, sampled from ``dataset``'s per-feature marginals, one-hot columns kept
     together) are used for every model, so IDR is comparable before/after. ``idr_data`` is the flip rate on ``dataset``'s own rows with the
     protected value swapped.
     """
-    from .methods.fmt import counterfactual_pairs, feature_groups, flip_protected
+    from .data.protected import counterfactual_pairs, feature_groups, flip_protected
 
     if dataset.y is None:
         raise DataError("fairness evaluation needs labels (a --target column)")

@@ -13,7 +13,7 @@ from converters.export import export_graph
 from onnxrepair.data.contract import InputContract
 from onnxrepair.errors import UsageError
 from onnxrepair.methods import RepairInputs, get
-from onnxrepair.methods._surgery import GATE_NAME, PREFIX, set_routing
+from onnxrepair.graph.patching import GATE_NAME, PREFIX, set_routing
 from onnxrepair.perturb.blur import gaussian_blur
 
 CONTRACT = InputContract(scale=255.0)

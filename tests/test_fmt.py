@@ -11,16 +11,12 @@ from torch import fx, nn
 from onnxrepair.data.contract import InputContract
 from onnxrepair.data.tabular import load_csv, resolve_protected
 from onnxrepair.errors import UsageError
-from onnxrepair.methods import ProtectedSpec, RepairInputs, get
-from onnxrepair.methods.fair_baselines import kamiran_calders_weights
-from onnxrepair.methods.fmt import (
-    CounterfactualTargets,
-    ProtectedSensitivitySlicer,
-    counterfactual_pairs,
-    feature_groups,
-    flip_protected,
-)
-from onnxrepair.methods.transform import TransformContext, split_at
+from onnxrepair.data.protected import ProtectedSpec
+from onnxrepair.methods import RepairInputs, get
+from onnxrepair.methods.reweigh_finetune import kamiran_calders_weights
+from onnxrepair.data.protected import counterfactual_pairs, feature_groups, flip_protected
+from onnxrepair.methods.fmt import CounterfactualTargets, ProtectedSensitivitySlicer
+from onnxrepair.transform import TransformContext, split_model as split_at
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ProtectedSpec("sex", 1, 1.0, 0.0)
@@ -195,7 +191,7 @@ def test_fmt_selection_returns_the_epoch_it_reports():
     says of the selected epoch, that epoch is within the accuracy budget and scores lowest among
     those that are; with a zero budget only the original or an epoch losing nothing qualifies."""
     from onnxrepair.methods.fmt import FairnessSelector
-    from onnxrepair.methods.transform import TransformContext, split_at
+    from onnxrepair.transform import TransformContext, split_model as split_at
 
     tr, _, spec, gm = _fixture()
     m = get("fmt")

@@ -8,7 +8,7 @@ import torch
 
 from _deeppatch_fixtures import TinyCNN, synthetic, to_onnx_and_back, train_tiny
 from onnxrepair.data.contract import InputContract
-from onnxrepair.localize import assess_filters, conv_nodes
+from onnxrepair.localize.filters import assess_filters, conv_nodes
 from onnxrepair.nn import first_output
 from onnxrepair.perturb.blur import gaussian_blur
 

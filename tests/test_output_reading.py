@@ -13,7 +13,7 @@ from converters.load import output_source_op
 from onnxrepair.data.contract import InputContract
 from onnxrepair.data.dataset import ArrayDataset
 from onnxrepair.fairness import evaluate_fairness, predict
-from onnxrepair.methods import ProtectedSpec
+from onnxrepair.data.protected import ProtectedSpec
 from onnxrepair.repair import _output_kind
 from onnxrepair.runtime import Session, labels_from_output, make_session, output_reading, reading_from_values
 

@@ -14,8 +14,11 @@ from onnxrepair.data.contract import InputContract
 from onnxrepair.data.dataset import ArrayDataset
 from onnxrepair.errors import UsageError
 from onnxrepair.methods import RepairInputs, get
-from onnxrepair.methods._training import accuracy
-from onnxrepair.methods.peers import AUGMIX_OPS, augmix, equalize, jsd_loss, pgd_linf, posterize, autocontrast, resolve_ops
+from onnxrepair.train import accuracy
+from onnxrepair.methods.augmix import jsd_loss
+from onnxrepair.data.contract import ModelWithContract
+from onnxrepair.perturb.attacks import PGD
+from onnxrepair.perturb.augment import AUGMIX_OPS, augmix, autocontrast, equalize, posterize, resolve_ops
 
 CONTRACT = InputContract(scale=255.0)
 
@@ -114,6 +117,12 @@ def test_pgd_respects_the_eps_ball_and_restores_mode(lenet, mnist):
     assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     gm.eval()
     assert accuracy(gm, CONTRACT.to_model(adv), y) < accuracy(gm, CONTRACT.to_model(x), y)
+
+
+
+def pgd_linf(m, contract, x, y, kind, *, eps, steps, step_size, seed):
+    """The PGD the adversarial-training peer crafts with: the evaluator's attack, seeded per call."""
+    return PGD(ModelWithContract(m, contract), eps, steps=steps, alpha=step_size, seed=seed, output_kind=kind)(x, y)
 
 
 # ----------------------------------------------------------------------------- methods

@@ -8,18 +8,17 @@ import torch
 from torch import fx, nn
 
 from onnxrepair.errors import UsageError
-from onnxrepair.methods.transform import (
+from onnxrepair.transform import (
     FullSlice,
     RegressionData,
     TuningConfig,
     default_cut,
-    neuron_mask,
-    resolve_cut,
     run_transform,
-    split_at,
-    topk_frequent,
     tune_prefix,
 )
+from onnxrepair.transform import split_model as split_at
+from onnxrepair.graph import resolve_node as resolve_cut
+from onnxrepair.localize.slices import neuron_mask, topk_frequent
 
 
 def mlp(seed=0, widths=(6, 16, 8, 4, 2)):
@@ -69,7 +68,7 @@ def test_suffix_that_reads_the_input():
     sp = split_at(gm, "relu")
     x = torch.randn(5, 4)
     assert sp.suffix_takes_inputs
-    torch.testing.assert_close(sp.suffix(sp.prefix(x), x), gm(x))
+    torch.testing.assert_close(sp.run_suffix(*sp.run_prefix(x)), gm(x))
 
 
 def _data(sp, n=64, seed=1):

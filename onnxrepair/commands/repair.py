@@ -61,6 +61,7 @@ def repair_cmd(
     provider: str = typer.Option("auto", "--provider", help="onnxruntime provider for evaluation: auto, cpu, cuda."),
     device: str = typer.Option("auto", "--device", help="torch device for tuning: auto, cpu, cuda."),
     seed: int = typer.Option(0, "--seed"),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset of the repaired file (default: the original's where an exporter writes it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON to stdout instead of a table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr (bars in a terminal, stage lines otherwise)."),
     log_json: Optional[Path] = _options.LOG_JSON,
@@ -85,7 +86,7 @@ def repair_cmd(
         model, method, train, output=output, val=val_ds, contract=contract, config=cfg,
         max_accuracy_drop=max_accuracy_drop, force=force, protected=protected, privileged=privileged, unprivileged=unprivileged,
         eval_corruptions=tuple(s for s in eval_corruptions.split(",") if s) if eval_corruptions else None,
-        provider=provider, device=device, seed=seed, report_path=report, progress=_options.reporter(quiet, log_json, model),
+        provider=provider, device=device, seed=seed, report_path=report, progress=_options.reporter(quiet, log_json, model), opset=opset,
     )
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
@@ -138,23 +139,17 @@ def print_repair_result(res) -> None:
             continue
         table.add_row(*_metric_cells(k, float(b[k]), float(a[k])))
     console.print(table)
-    info = res.info or {}
-    if "routing_calib" in info:
-        r = info["routing_calib"]
-        console.print(f"routed to the patch (calibration data): clean {100 * r.get('clean', 0):.1f}%, perturbed {100 * r.get('perturbed_mean', 0):.1f}%")
-    if "layers_patched" in info:
-        console.print(f"layers patched: {len(info['layers_patched'])}, skipped: {len(info.get('layers_skipped', []))}, parameters added: {info.get('params_added', 0):,}")
-    if "selection" in info:
-        sel = info["selection"]
-        kept = next((e for e in sel["epochs"] if e["epoch"] == sel["selected_epoch"]), {})
-        note = "" if sel["eligible"] else " (no epoch within the budget: the original weights)"
-        console.print(f"epoch kept: {sel['selected_epoch']} of {len(sel['epochs']) - 1}{note}, chosen on the {sel.get('rows', '?')} rows "
-                      f"(accuracy drop there {kept.get('accuracy_drop_points', 0.0):.2f} pts, budget {sel.get('max_drop_points', '?')})")
+    for line in res.summary:  # the method's own lines: the CLI does not know the method
+        console.print(line)
     r = res.retention
     console.print(
         f"held-out clean accuracy {100 * r['accuracy_before']:.2f}% -> {100 * r['accuracy_after']:.2f}% "
         f"(drop {r['drop_points']:.2f} pts, limit {r['limit_points']}); fidelity max abs diff {res.fidelity['max_abs']:.1e}; exporter {res.exporter}"
     )
+    ex = res.export or {}
+    if ex:
+        console.print(f"exported at opset {ex.get('opset')} (source {ex.get('source_opset')}); nodes {ex['nodes']['exported']} -> "
+                      f"{ex['nodes']['simplified']} after {ex.get('simplified_with') or 'no optimizer'}")
     if res.latency_ms:
         lr = res.latency_ms["ratio"]
         console.print("latency repaired/original on onnxruntime: " + ", ".join(f"{k} {v:.2f}x" for k, v in lr.items()))

@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError, UsageError
+from .protected import ProtectedSpec
 from .dataset import ArrayDataset
 
 log = logging.getLogger(__name__)
@@ -269,13 +270,11 @@ def resolve_protected(
     privileged: float | None = None,
     unprivileged: float | None = None,
 ):
-    """The :class:`~onnxrepair.methods.ProtectedSpec` for ``column`` of ``dataset``.
+    """The :class:`~onnxrepair.data.protected.ProtectedSpec` for ``column`` of ``dataset``.
 
     Binary column: the privileged value defaults to the larger one (1 in the encodings here), the
     unprivileged to the other. A column with more than two values needs both values chosen.
     """
-    from ..methods import ProtectedSpec  # the spec lives with the method registry
-
     cols = dataset.columns or []
     if column not in cols:
         raise DataError(f"protected column {column!r} not found; columns: {', '.join(cols) or 'none'}")

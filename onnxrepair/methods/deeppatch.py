@@ -3,8 +3,8 @@
 Wei, Wang, Ashraf, Chan. "DeepPatch: Maintaining Deep Learning Model Programs to Retain Standard
 Accuracy with Substantial Robustness Improvement." ACM TOSEM 32(6), art. 150, 2023.
 
-1. Filter assessment (§4.2, :mod:`onnxrepair.localize`): perfloss or featswap blame per conv channel.
-2. Patching (§4.3, :mod:`._surgery`): for each conv with groups = 1, a unit producing the top
+1. Filter assessment (§4.2, :mod:`onnxrepair.localize.filters`): perfloss or featswap blame per conv channel.
+2. Patching (§4.3, :mod:`onnxrepair.graph.patching`): for each conv with groups = 1, a unit producing the top
    k = floor(ratio * C_out) blamed channels replaces them; original weights frozen; units trained on clean
    data mixed with perturbed data (p = 0.5), SGD, best checkpoint on calib clean + perturbed.
 3. Division of labour (§4.4): at the first patched conv, the fraction of replaced activations whose on/off
@@ -48,13 +48,14 @@ from torch import fx, nn
 
 from ..data.contract import InputContract
 from ..errors import UsageError
-from ..localize import METHODS as ASSESS_METHODS
-from ..localize import assess_filters, conv_nodes
+from ..graph.patching import PREFIX, DivisionGate, get_gate, insert_patches, set_routing, stats_features
+from ..localize.filters import METHODS as ASSESS_METHODS
+from ..localize.filters import assess_filters, conv_nodes
 from ..nn import first_output
 from ..perturb.blur import DEEPPATCH_SIGMAS
+from ..perturb.mixture import PerturbSpec, apply_variant, perturb_all
+from ..train import accuracy, make_calib, split_calib, train_mixture
 from . import MethodOutput, RepairInputs, register
-from ._surgery import GATE_NAME, PREFIX, DivisionGate, get_gate, insert_patches, set_routing
-from ._training import CalibSet, PerturbSpec, accuracy, apply_variant, make_calib, split_calib, train_mixture
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,7 @@ def _fit_stats(gate: DivisionGate, x_clean: torch.Tensor, x_pert: torch.Tensor, 
     ``x_*`` are first-patched-conv outputs. The squared terms let one linear score flag a departure from
     the clean statistics in either direction (blur lowers the spatial-difference energy, noise raises it).
     """
-    from ._surgery import _stats_features
-
-    f = torch.cat([_stats_features(x_clean).float(), _stats_features(x_pert).float()])
+    f = torch.cat([stats_features(x_clean).float(), stats_features(x_pert).float()])
     gate.stats_mean.copy_(f.mean(0))
     gate.stats_std.copy_(f.std(0).clamp_min(1e-6))
     z = gate.stats_features(torch.cat([x_clean, x_pert]).float())
@@ -308,8 +307,6 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
     # Every gate kind is fitted and scored on the calibration data, so the report can compare them; the
     # configured one routes. AUC = P(score(perturbed) > score(clean)) on calib (the fitted gates learn
     # from training images, never from calib).
-    from ._training import perturb_all
-
     def calib_scores(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         gate.kind = kind
         sc = torch.cat([gate.score(o, p) for o, p in captured["clean"][0]])
@@ -376,4 +373,9 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         "seconds": {"assess": round(t_assess, 2), "total": round(time.perf_counter() - t0, 2)},
         "calib_samples": len(calib.y),
     }
-    return MethodOutput(model=gm.eval(), info=info)
+    gate_txt = "no gate: every input takes the patch" if cfg.gate == "none" else f"{cfg.gate} gate, calibration AUC {gate_info['auc'][cfg.gate]:.3f}"
+    summary = [
+        f"routed to the patch (calibration data): clean {100 * routing['clean']:.1f}%, perturbed {100 * routing['perturbed_mean']:.1f}% ({gate_txt})",
+        f"layers patched: {len(layers)}, skipped: {len(skipped)}, parameters added: {int(params_added):,}; best epoch {result.best_epoch} of {cfg.epochs}",
+    ]
+    return MethodOutput(model=gm.eval(), info=info, summary=summary)

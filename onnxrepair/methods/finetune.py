@@ -3,7 +3,7 @@ TOSEM 2023, §5.2 "fine-tuning"): the same clean+perturbed training mixture, opt
 best-checkpoint rule as :mod:`.deeppatch`; they differ only in which weights move.
 
 * ``finetune`` — every weight.
-* ``finetune-last`` — only the last ``last_layers`` parameterised modules (the classifier head).
+* ``finetune-last`` (:mod:`.finetune_last`) — only the last ``last_layers`` parameterised modules.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from torch import nn
 from ..errors import UsageError
 from ..perturb.blur import DEEPPATCH_SIGMAS
 from . import MethodOutput, RepairInputs, register
-from ._training import PerturbSpec, SGDSettings, accuracy, make_calib, split_calib, train_mixture
+from ..perturb.mixture import PerturbSpec
+from ..train import SGDSettings, accuracy, make_calib, split_calib, train_mixture
 
 
 @dataclass
@@ -26,11 +27,6 @@ class FinetuneConfig(SGDSettings):
     sigmas: tuple[float, ...] = DEEPPATCH_SIGMAS
     corruptions: tuple[str, ...] = ()
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-
-
-@dataclass
-class FinetuneLastConfig(FinetuneConfig):
-    last_layers: int = 1  # how many of the last parameterised modules (in graph order) are trained
 
 
 def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -47,7 +43,8 @@ def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, mods[n]) for n in order if any(True for _ in mods[n].parameters(recurse=False))]
 
 
-def _run(inputs: RepairInputs, cfg: FinetuneConfig, last: int | None) -> MethodOutput:
+def run_finetune(inputs: RepairInputs, cfg: FinetuneConfig, last: int | None) -> MethodOutput:
+    """Fine-tune every parameterised module (``last=None``) or the last ``last`` of them, in graph order."""
     if inputs.train.y is None:
         raise UsageError("fine-tuning needs labelled training data")
     spec = PerturbSpec.resolve(cfg.sigmas, cfg.corruptions, cfg.severities)
@@ -93,12 +90,4 @@ def _run(inputs: RepairInputs, cfg: FinetuneConfig, last: int | None) -> MethodO
 @register("finetune", config=FinetuneConfig, task="robustness", needs="labelled images",
           summary="baseline: fine-tune all weights on clean + perturbed data")
 def finetune(inputs: RepairInputs, cfg: FinetuneConfig) -> MethodOutput:
-    return _run(inputs, cfg, None)
-
-
-@register("finetune-last", config=FinetuneLastConfig, task="robustness", needs="labelled images",
-          summary="baseline: fine-tune only the last layer(s) on clean + perturbed data")
-def finetune_last(inputs: RepairInputs, cfg: FinetuneLastConfig) -> MethodOutput:
-    if cfg.last_layers < 1:
-        raise UsageError("--last-layers must be at least 1")
-    return _run(inputs, cfg, cfg.last_layers)
+    return run_finetune(inputs, cfg, None)

@@ -1,7 +1,7 @@
 """FMT: fairness repair by model transformation (Zhang et al., TOSEM 2023, fairness instance of the
-post-training framework in :mod:`onnxrepair.methods.transform`).
+post-training framework in :mod:`onnxrepair.transform`).
 
-* **Counterfactual pairs** (:func:`counterfactual_pairs`): every non-protected feature is drawn
+* **Counterfactual pairs** (:func:`onnxrepair.data.protected.counterfactual_pairs`): every non-protected feature is drawn
   independently from its empirical marginal over the training rows — a one-hot categorical feature
   (columns ``name=value``) is one feature, drawn as one block — and the two members of a pair are
   identical except for the protected feature (privileged value vs unprivileged value).
@@ -42,76 +42,13 @@ import torch
 from ..errors import UsageError
 from ..metrics import fairness_report, relative_change
 from ..nn import first_output
-from . import MethodOutput, ProtectedSpec, RepairInputs, register
-from .transform import (
-    CheckpointSelector,
-    RegressionData,
-    TransformContext,
-    TuningConfig,
-    capture,
-    neuron_mask,
-    run_transform,
-    topk_frequent,
-)
+from ..data.protected import ProtectedSpec, counterfactual_pairs, feature_groups, flip_protected
+from . import MethodOutput, RepairInputs, register
+from ..graph import capture
+from ..localize.slices import neuron_mask, topk_frequent
+from ..transform import CheckpointSelector, RegressionData, TransformContext, TuningConfig, run_transform
 
 PAPER = "Zhang et al., A Post-Training Framework for Improving the Performance of DL Models via Model Transformation, ACM TOSEM 2023"
-
-
-def feature_groups(columns: list[str] | None, n_features: int) -> list[list[int]]:
-    """Column indices per *feature*: the one-hot columns ``name=value`` of one categorical attribute
-    form one group (the encoding of :mod:`onnxrepair.data.tabular`); every other column is its own.
-    Without names every column is its own feature."""
-    if not columns or len(columns) != n_features:
-        return [[j] for j in range(n_features)]
-    groups: dict[str, list[int]] = {}
-    for j, c in enumerate(columns):
-        groups.setdefault(c.split("=", 1)[0] if "=" in c else f"\0{j}", []).append(j)
-    return list(groups.values())
-
-
-def counterfactual_pairs(
-    x_train: np.ndarray, spec: ProtectedSpec, n: int, seed: int = 0, groups: list[list[int]] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` pairs (a, b): a has the privileged value, b the unprivileged one; every other *feature* is
-    an independent draw from that feature's values in ``x_train`` (its empirical marginal).
-
-    ``groups`` (from :func:`feature_groups`) keeps the one-hot columns of a categorical feature
-    together: they are copied as a block from one training row, so a pair never holds two or no
-    categories at once (an input no encoded record can have). Default: every column is a feature."""
-    x_train = np.asarray(x_train, dtype=np.float32)
-    if x_train.ndim != 2 or not len(x_train):
-        raise UsageError("counterfactual pairs need a non-empty (N, F) feature matrix")
-    if not 0 <= spec.index < x_train.shape[1]:
-        raise UsageError(f"protected index {spec.index} outside the {x_train.shape[1]} features")
-    groups = groups or [[j] for j in range(x_train.shape[1])]
-    if sorted(j for g in groups for j in g) != list(range(x_train.shape[1])):
-        raise ValueError("feature groups must cover every column exactly once")
-    rng = np.random.default_rng(seed)
-    rows = rng.integers(0, len(x_train), size=(n, len(groups)))
-    col_rows = np.empty((n, x_train.shape[1]), dtype=np.int64)
-    for gi, g in enumerate(groups):
-        col_rows[:, g] = rows[:, gi : gi + 1]
-    a = np.take_along_axis(x_train, col_rows, axis=0) if n else np.empty((0, x_train.shape[1]), np.float32)
-    a = a.astype(np.float32)
-    b = a.copy()
-    a[:, spec.index] = spec.privileged
-    b[:, spec.index] = spec.unprivileged
-    return a, b
-
-
-def flip_protected(x: np.ndarray | torch.Tensor, spec: ProtectedSpec):
-    """Rows of the two groups with the protected value swapped; rows in neither group are dropped."""
-    col = x[:, spec.index]
-    if isinstance(x, torch.Tensor):
-        priv = torch.isclose(col, torch.tensor(spec.privileged, dtype=col.dtype, device=col.device))
-        unpriv = torch.isclose(col, torch.tensor(spec.unprivileged, dtype=col.dtype, device=col.device))
-    else:
-        priv, unpriv = np.isclose(col, spec.privileged), np.isclose(col, spec.unprivileged)
-    keep = priv | unpriv
-    orig = x[keep]
-    flipped = orig.clone() if isinstance(x, torch.Tensor) else orig.copy()
-    flipped[:, spec.index] = torch.where(priv[keep], spec.unprivileged, spec.privileged) if isinstance(x, torch.Tensor) else np.where(priv[keep], spec.unprivileged, spec.privileged)
-    return orig, flipped
 
 
 def _confidence(out: torch.Tensor, kind: str) -> torch.Tensor:
@@ -313,4 +250,22 @@ def fmt(inputs: RepairInputs, config: FMTConfig) -> MethodOutput:
     res.info["protected"] = {"column": inputs.protected.column, "index": inputs.protected.index,
                              "privileged": inputs.protected.privileged, "unprivileged": inputs.protected.unprivileged}
     res.info["labels_used"] = selector is not None  # only ever to choose the epoch
-    return MethodOutput(res.model.cpu().eval(), res.info)
+    return MethodOutput(res.model.cpu().eval(), res.info, summary=transform_summary(res.info))
+
+
+def transform_summary(info: dict[str, Any]) -> list[str]:
+    """The lines a model-transformation repair prints: cut, slice, tuning, and the epoch kept."""
+    sl, tu = info["slice"], info["tuning"]
+    lines = [f"cut at {info['cut']} {tuple(info['cut_shape'])}; slice {sl['tunable_weights']:,} of {sl['prefix_weights']:,} prefix weights "
+             f"({sl['strategy']}); {tu['steps']} steps, loss {_fmt(tu['loss_first'])} -> {_fmt(tu['loss_last'])}"]
+    if "selection" in info:
+        sel = info["selection"]
+        kept = next((e for e in sel["epochs"] if e["epoch"] == sel["selected_epoch"]), {})
+        note = "" if sel["eligible"] else " (no epoch within the budget: the original weights)"
+        lines.append(f"epoch kept: {sel['selected_epoch']} of {len(sel['epochs']) - 1}{note}, chosen on the {sel.get('rows', '?')} rows "
+                     f"(accuracy drop there {kept.get('accuracy_drop_points', 0.0):.2f} pts, budget {sel.get('max_drop_points', '?')})")
+    return lines
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4g}"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from ..nn import first_output, log_probs
 
 
 class Attack:
@@ -31,15 +32,16 @@ class Attack:
     name: ClassVar[str] = "attack"
     norm: ClassVar[str] = "linf"
 
-    def __init__(self, model: nn.Module, eps: float, *, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, eps: float, *, seed: int = 0, output_kind: str = "logits") -> None:
         if eps < 0:
             raise UsageError(f"{self.name}: eps must be >= 0, got {eps}")
         self.model = model
         self.eps = float(eps)
         self.seed = seed
+        self.output_kind = output_kind  # "logits" | "probs": how the loss reads the model's output
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        was_training = self.model.training
+        modes = [(m, m.training) for m in self.model.modules()]  # a wrapper's flag need not match what it wraps
         self.model.eval()
         flags = [p.requires_grad for p in self.model.parameters()]
         for p in self.model.parameters():
@@ -50,7 +52,8 @@ class Attack:
         finally:
             for p, f in zip(self.model.parameters(), flags):
                 p.requires_grad_(f)
-            self.model.train(was_training)
+            for m, mode in modes:
+                m.training = mode
         return x_adv.detach().clamp(0, 1)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -58,7 +61,7 @@ class Attack:
 
     def _grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x.detach().requires_grad_(True)
-        loss = F.cross_entropy(self.model(x), y)
+        loss = F.nll_loss(log_probs(first_output(self.model(x)), self.output_kind), y)
         (g,) = torch.autograd.grad(loss, x)
         return g
 
@@ -93,8 +96,8 @@ class PGD(Attack):
     name = "pgd"
     norm = "linf"
 
-    def __init__(self, model, eps, *, steps: int = 10, alpha: float | None = None, random_start: bool = True, seed: int = 0):
-        super().__init__(model, eps, seed=seed)
+    def __init__(self, model, eps, *, steps: int = 10, alpha: float | None = None, random_start: bool = True, seed: int = 0, output_kind: str = "logits"):
+        super().__init__(model, eps, seed=seed, output_kind=output_kind)
         self.steps = int(steps)
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / max(1, self.steps)
         self.random_start = random_start
@@ -127,8 +130,8 @@ class PGDL2(Attack):
     name = "pgdl2"
     norm = "l2"
 
-    def __init__(self, model, eps, *, steps: int = 10, alpha: float | None = None, random_start: bool = True, seed: int = 0):
-        super().__init__(model, eps, seed=seed)
+    def __init__(self, model, eps, *, steps: int = 10, alpha: float | None = None, random_start: bool = True, seed: int = 0, output_kind: str = "logits"):
+        super().__init__(model, eps, seed=seed, output_kind=output_kind)
         self.steps = int(steps)
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / max(1, self.steps)
         self.random_start = random_start
@@ -168,8 +171,8 @@ class CW(Attack):
     name = "cw"
     norm = "l2"
 
-    def __init__(self, model, eps: float | None = None, *, c: float = 1.0, kappa: float = 0.0, steps: int = 50, lr: float = 0.01, seed: int = 0):
-        super().__init__(model, eps or 0.0, seed=seed)
+    def __init__(self, model, eps: float | None = None, *, c: float = 1.0, kappa: float = 0.0, steps: int = 50, lr: float = 0.01, seed: int = 0, output_kind: str = "logits"):
+        super().__init__(model, eps or 0.0, seed=seed, output_kind=output_kind)
         self.c, self.kappa, self.steps, self.lr = float(c), float(kappa), int(steps), float(lr)
 
     def perturb(self, x, y):

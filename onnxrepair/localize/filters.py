@@ -8,8 +8,8 @@ DeepPatch (Wei, Wang, Ashraf, Chan, TOSEM 32(6) 2023, §4.2) scores every filter
   image produces; ``score = acc_swapped - acc_base``. The largest recovery is blamed first.
 
 A naive implementation runs the whole model once per filter. Here, per convolution, the *prefix* of the
-fx graph runs once per sample chunk and the tensors the rest of the graph needs (the conv output and any
-skip connections) are kept; only the *suffix* runs per ablation, and ``group`` ablations are stacked along
+fx graph runs once per sample chunk (:func:`onnxrepair.graph.split_at`) and the tensors the rest of the graph
+needs (the conv output and any skip connections) are kept; only the *suffix* runs per ablation, and ``group`` ablations are stacked along
 the batch dimension in one pass. Accuracy on a few hundred images ties often, so the loss change breaks ties
 (same direction as the accuracy score); both are kept in :class:`LayerScores`.
 """
@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .nn import first_output, log_probs
+from ..graph import split_at
+from ..nn import first_output, log_probs
 
 log = logging.getLogger(__name__)
 
@@ -64,66 +65,6 @@ def conv_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, nn.Conv2d]]:
     return [(n, mods[n.target]) for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], nn.Conv2d)]
 
 
-# ---------------------------------------------------------------- a minimal fx interpreter split at one node
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _run_node(gm: fx.GraphModule, mods: dict[str, nn.Module], node: fx.Node, env: dict[fx.Node, Any]):
-    args = fx.node.map_arg(node.args, lambda n: env[n])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-    if node.op == "call_module":
-        return mods[node.target](*args, **kwargs)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        self_obj, *rest = args
-        return getattr(self_obj, node.target)(*rest, **kwargs)
-    if node.op == "get_attr":
-        return _fetch_attr(gm, node.target)
-    raise RuntimeError(f"unexpected node op {node.op}")
-
-
-class SplitRunner:
-    """Run ``gm`` up to ``split`` once, then the rest many times with a replaced ``split`` output."""
-
-    def __init__(self, gm: fx.GraphModule, split: fx.Node) -> None:
-        self.gm = gm
-        self.mods = dict(gm.named_modules())
-        nodes = list(gm.graph.nodes)
-        pos = {n: i for i, n in enumerate(nodes)}
-        self.split = split
-        self.prefix = nodes[: pos[split] + 1]
-        self.suffix = nodes[pos[split] + 1 :]
-        # values computed in the prefix that the suffix reads (the split itself, skip connections, constants)
-        self.live = [n for n in self.prefix if any(pos[u] > pos[split] for u in n.users)]
-
-    def run_prefix(self, *inputs: torch.Tensor) -> dict[fx.Node, Any]:
-        env: dict[fx.Node, Any] = {}
-        it = iter(inputs)
-        for node in self.prefix:
-            env[node] = next(it) if node.op == "placeholder" else _run_node(self.gm, self.mods, node, env)
-        return {n: env[n] for n in self.live}
-
-    def run_suffix(self, live: dict[fx.Node, Any], split_value: torch.Tensor, repeat: int = 1):
-        """``split_value`` has batch ``repeat * n``; batch-sized float live-ins are tiled ``repeat`` times."""
-        n = live[self.split].shape[0]
-        env: dict[fx.Node, Any] = {}
-        for node, v in live.items():
-            if repeat > 1 and isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim >= 1 and v.shape[0] == n and node.op != "get_attr":
-                v = v.repeat(repeat, *([1] * (v.ndim - 1)))
-            env[node] = v
-        env[self.split] = split_value
-        for node in self.suffix:
-            if node.op == "output":
-                return first_output(fx.node.map_arg(node.args[0], lambda m: env[m]))
-            env[node] = _run_node(self.gm, self.mods, node, env)
-        raise RuntimeError("graph has no output node")
-
-
 def _acc_loss(out: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample correctness and NLL."""
     correct = (out.argmax(1) == y).float()
@@ -157,7 +98,7 @@ def assess_filters(
     for node, conv in conv_nodes(gm):
         if layers is not None and node.name not in layers and node.target not in layers:
             continue
-        runner = SplitRunner(gm, node)
+        split = split_at(gm, node.name)
         c_out = conv.out_channels
         acc_sum = np.zeros(c_out)
         loss_sum = np.zeros(c_out)
@@ -166,10 +107,9 @@ def assess_filters(
         for i in range(0, len(y), batch_size):
             xp, yb = x_perturbed[i : i + batch_size], y[i : i + batch_size]
             n = len(yb)
-            live = runner.run_prefix(xp)
-            o_pert = live[node]
-            o_clean = runner.run_prefix(x_clean[i : i + batch_size])[node] if method == "featswap" else None
-            c0, l0 = _acc_loss(runner.run_suffix(live, o_pert), yb, output_kind)
+            o_pert, carried = split.run_prefix(xp)
+            o_clean = split.prefix(x_clean[i : i + batch_size]) if method == "featswap" else None
+            c0, l0 = _acc_loss(first_output(split.run_suffix(o_pert, carried)), yb, output_kind)
             base_acc += float(c0.sum())
             base_loss += float(l0.sum())
             for g0 in range(0, c_out, group):
@@ -182,7 +122,7 @@ def assess_filters(
                     stacked[ar, :, ch] = 0.0
                 else:
                     stacked[ar, :, ch] = o_clean[:, ch].permute(1, 0, 2, 3)
-                out = runner.run_suffix(live, stacked.reshape(g * n, *o_pert.shape[1:]), repeat=g)
+                out = first_output(split.run_suffix(stacked.reshape(g * n, *o_pert.shape[1:]), carried, repeat=g))
                 c, l = _acc_loss(out, yb.repeat(g), output_kind)
                 acc_sum[chans] += c.view(g, n).sum(1).cpu().numpy()
                 loss_sum[chans] += l.view(g, n).sum(1).cpu().numpy()

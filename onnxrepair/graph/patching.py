@@ -1,4 +1,4 @@
-"""fx graph surgery for DeepPatch: patching units, the per-sample router and the channel mixer.
+"""fx graph surgery for DeepPatch (:mod:`onnxrepair.methods.deeppatch`): patching units, the per-sample router and the channel mixer.
 
 For a patched conv ``y = conv(x)`` the graph becomes::
 
@@ -81,7 +81,7 @@ class RouteMask(nn.Module):
         return route.to(like.dtype).reshape(-1, 1, 1, 1)
 
 
-def _stats_features(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def stats_features(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """(N, 2C): per channel log mean |x| and log mean |spatial difference| (blur lowers the latter)."""
     a = x.abs().mean(dim=(2, 3))
     dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean(dim=(2, 3))
@@ -138,7 +138,7 @@ class DivisionGate(nn.Module):
         return torch.cat([stat[:, None], energy], dim=1)
 
     def stats_features(self, orig: torch.Tensor) -> torch.Tensor:
-        z = (_stats_features(orig) - self.stats_mean) / self.stats_std
+        z = (stats_features(orig) - self.stats_mean) / self.stats_std
         return torch.cat([z, z * z], dim=1)
 
     def score(self, orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
