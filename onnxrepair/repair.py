@@ -31,7 +31,7 @@ from . import methods as method_registry
 from .data.contract import METADATA_KEY, InputContract
 from .data.dataset import ArrayDataset
 from .errors import DataError, UsageError, ValidationFailed
-from .io import atomic_path, check_output_path, write_json_atomic
+from .io import atomic_path, check_output_path, read_model, write_json_atomic
 from .data.protected import ProtectedSpec
 from .methods import MethodOutput, RepairInputs
 from .nn import first_output, looks_like_probabilities, pick_device
@@ -159,7 +159,7 @@ def prepare(
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = pick_device(device)
-    loaded = converters.read(model_path)  # the one parse of the file
+    loaded = read_model(model_path)  # the one parse of the file (shared with the CLI's contract step)
     converted = converters.convert(loaded)
     timings = {"convert": time.perf_counter() - t0}
     if contract is None:

@@ -35,24 +35,14 @@ CONFIG = typer.Option(None, "--config", help="TOML file with layout/scale/mean/s
 
 
 def model_input_shape(model: str | os.PathLike) -> tuple[tuple, object]:
-    """(first input's shape, the ModelProto without external weights) of an ONNX file."""
-    import onnx
+    """(first input's shape, the ModelProto) of an ONNX file, read once through :func:`onnxrepair.io.read_model`
+    (so Git LFS pointers, missing external data and truncated files get the converters' messages here too)."""
+    from ..io import read_model
 
-    p = Path(model)
-    if not p.exists():
-        raise UsageError(f"{p}: no such file")
-    try:
-        proto = onnx.load(str(p), load_external_data=False)
-    except Exception as e:
-        raise ModelError(f"{p}: not a readable ONNX model: {type(e).__name__}") from e
-    inits = {i.name for i in proto.graph.initializer}
-    ins = [v for v in proto.graph.input if v.name not in inits]
-    if not ins:
-        raise ModelError(f"{p}: the model has no inputs")
-    dims = []
-    for d in ins[0].type.tensor_type.shape.dim:
-        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-    return tuple(dims), proto
+    info = read_model(model)
+    if not info.inputs:
+        raise ModelError(f"{model}: the model has no inputs")
+    return tuple(info.inputs[0].shape), info.model
 
 
 def build_contract(
