@@ -149,3 +149,25 @@ def test_cross_check_with_aif360_definitions():
         assert M.statistical_parity_difference(p, a, favorable=fav) == pytest.approx(spd, abs=1e-12)
         assert M.equal_opportunity_difference(y, p, a, favorable=fav) == pytest.approx(eod, abs=1e-12)
         assert M.average_abs_odds_difference(y, p, a, favorable=fav) == pytest.approx(aaod, abs=1e-12)
+
+
+def test_report_passes_group_values_and_favourable_label_through():
+    # every figure of the report must be the one its function gives for the same groups and favourable label
+    for kw in ({"favorable": 0}, {"privileged": 0, "unprivileged": 1}, {"privileged": 0, "unprivileged": 1, "favorable": 0}):
+        r = M.fairness_report(Y2, P2, A2, **kw)
+        assert r["spd"] == pytest.approx(M.statistical_parity_difference(P2, A2, **kw))
+        assert r["eod"] == pytest.approx(M.equal_opportunity_difference(Y2, P2, A2, **kw))
+        assert r["aaod"] == pytest.approx(M.average_abs_odds_difference(Y2, P2, A2, **kw))
+    assert M.fairness_report(Y2, P2, A2, favorable=0)["spd"] == pytest.approx(5 / 10 - 3 / 8)
+
+
+def test_empty_inputs_are_nan_and_bad_pairs_say_why():
+    assert math.isnan(M.accuracy(np.array([]), np.array([])))
+    assert math.isnan(M.individual_discrimination_rate(np.array([]), np.array([])))
+    with pytest.raises(ValueError, match="differ in shape"):
+        M.individual_discrimination_rate(np.zeros(3), np.zeros(4))
+
+
+def test_protected_values_given_as_text_are_read_as_numbers():
+    # a protected column read from text ("1"/"0") groups like the numbers it spells
+    assert M.statistical_parity_difference(P2, A2.astype(str)) == pytest.approx(SPD2)
