@@ -171,10 +171,15 @@ def _params():
         yield pytest.param(name, marks=marks, id=name)
 
 
+def _shipped() -> set[str]:
+    """Registered methods that ship with onnxrepair (other test modules register test-only methods)."""
+    return {n for n, s in registry.available().items() if s.fn.__module__.startswith("onnxrepair.methods.")}
+
+
 def test_every_registered_method_has_a_case():
-    missing = sorted(set(registry.available()) - set(CASES))
+    missing = sorted(_shipped() - set(CASES))
     assert not missing, f"registered methods without a strict case in tests/test_methods_strict.py CASES: {missing}"
-    assert not sorted(set(CASES) - set(registry.available())), "cases for methods that are not registered"
+    assert not sorted(set(CASES) - _shipped()), "cases for methods that are not registered"
 
 
 def test_every_claim_can_fail():
