@@ -17,7 +17,7 @@ BREAKS = [
   ("evaluate: blurred copies are the clean images", "onnxrepair/evaluate.py", "xb = gaussian_blur(unit_dev, sg)", "xb = unit_dev", "tests/test_evaluate_strict.py tests/test_evaluate.py"),
   ("EOD computed from FPR", "onnxrepair/metrics.py", "return _tpr_fpr(y_true, y_pred, unpriv, favorable)[0] - _tpr_fpr(y_true, y_pred, priv, favorable)[0]", "return _tpr_fpr(y_true, y_pred, unpriv, favorable)[1] - _tpr_fpr(y_true, y_pred, priv, favorable)[1]", "tests/test_metrics.py"),
   ("AAOD without its FPR term", "onnxrepair/metrics.py", "return 0.5 * (abs(fu - fp) + abs(tu - tp))", "return 0.5 * abs(tu - tp)", "tests/test_metrics.py"),
-  ("AAOD without its FPR term (variant: |TPR gap| alone)", "onnxrepair/metrics.py", "return 0.5 * (abs(fu - fp) + abs(tu - tp))", "return abs(tu - tp)", "tests/test_metrics.py"),
+  ("AAOD without its FPR term (variant: abs(TPR gap) alone)", "onnxrepair/metrics.py", "return 0.5 * (abs(fu - fp) + abs(tu - tp))", "return abs(tu - tp)", "tests/test_metrics.py"),
   ("retention limit read as a fraction (limit / 100)", "onnxrepair/repair.py", '"passed": drop <= max_accuracy_drop + 1e-9', '"passed": drop <= max_accuracy_drop / 100 + 1e-9', "tests/test_safety_paths.py"),
   ("validation ignores argmax agreement", "onnxrepair/validate.py", "ok = not fails.any() and (agree is None or agree >= min_argmax)", "ok = not fails.any()", "tests/test_safety_paths.py tests/test_roundtrip.py"),
   ("repair writes despite disagreement", "onnxrepair/repair.py", 'ok = fidelity["passed"] and (retention["passed"] or force)', 'ok = retention["passed"] or force', "tests/test_safety_paths.py", 'if not fidelity["passed"]:\n            raise', 'if False:\n            raise'),
