@@ -46,6 +46,8 @@ Choices the paper does not pin down (all measured by ``bench/archrepair.py``):
   largest mean |dL/dW| on the failures -- with that conv as the "original" candidate and no shortcut.
 * ``ops="original"`` is block weights-only fine-tuning (no architecture change, no search).
 * Blocks are residual blocks; plain CNNs get their conv stages instead (see the localisation module).
+* Ops keep the spatial size ``ceil(H / stride)``; a block that shrinks otherwise (an unpadded conv) admits only
+  the original candidate on ``x -> output``, and the ops left out are listed in ``info["ops_left_out"]``.
 
 Every op exports to standard ONNX: Conv (grouped for depthwise), Relu, MaxPool, AveragePool, Add, Mul by zero is
 never exported (a "none" edge is dropped at discretisation).
@@ -377,7 +379,11 @@ def build_relaxed(block: Block, body: nn.Module, shortcut, act, cfg: ArchRepairC
     probe = torch.zeros(1, c_in, h, w, device=device)
     last = cfg.nodes
     edges, init = {}, {}
+    reached = {0}
     for (i, j) in _edges(cfg.nodes):
+        if i not in reached:  # no op fitted any edge into node i: nothing leaves it
+            skipped[f"*@{i}->{j}"] = f"node {i} has no input edge"
+            continue
         ci, s = (c_in, block.stride) if i == 0 else (c_out, 1)
         ops: dict[str, nn.Module] = {}
         for name in cfg.ops:
@@ -396,6 +402,7 @@ def build_relaxed(block: Block, body: nn.Module, shortcut, act, cfg: ArchRepairC
         if not ops:
             continue
         edges[(i, j)] = MixedOp(ops)
+        reached.add(j)
         a = torch.zeros(len(ops))
         warm = ORIGINAL if ORIGINAL in ops else ("none" if (i, j) != (0, last) and "none" in ops else None)
         if warm is not None:  # start close to the trained block (module doc: warm start)
