@@ -59,6 +59,7 @@ def test_search_repairs_a_block_through_the_pipeline(tmp_path, one_torch_thread)
     assert info["params_delta"] == info["params_added"] - info["params_removed"]
     assert set(info["seconds"]) >= {"localise", "search", "finetune", "total"}
     assert info["seconds"]["total"] < 60 and len(info["history"]["search"]) == 3  # epoch 0 + 2 search epochs
+    assert any("block_add" in line for line in res.summary)
     assert res.latency_ms["ratio"]["batch1"] > 0
     # the exported graph holds standard ONNX ops only
     import onnx

@@ -608,7 +608,15 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         "history": history,
         "seconds": timings,
     }
-    return MethodOutput(model=model.eval(), info=info)
+    top = ", ".join(f"{r.block} {r.score:.3g}" for r in ranking[:4])
+    ops = ", ".join(f"{e['edge']} {e['op']}" for e in edges_report)
+    summary = [
+        f"blocks ranked by {cfg.score} score on {data['counts']['failures_used']} failures: {top}; repaired: {target.name}"
+        + (f" (layer of block {block.name})" if cfg.level == "layer" else ""),
+        f"cell: {ops}; parameters {removed:,} -> {added:,}; fine-tune epoch kept: {best_epoch} of {cfg.finetune_epochs}",
+        f"seconds: localise {timings['localise']:.1f}, search {timings['search']:.1f}, fine-tune {timings['finetune']:.1f}",
+    ]
+    return MethodOutput(model=model.eval(), info=info, summary=summary)
 
 
 def _region_params(gm: fx.GraphModule, block: Block) -> list[nn.Parameter]:
