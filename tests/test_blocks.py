@@ -97,3 +97,16 @@ def test_scores_rank_every_block(one_torch_thread):
     # Ochiai: a neuron active on every failure and no passing input scores 1; inputs equal to the failures give 1/sqrt(2)
     s_same = spectrum_scores(gm, blocks[:1], x[fail], x[fail])
     assert 0 < s_same[0] <= 1 / np.sqrt(2) + 1e-6
+
+
+def test_inspect_lists_blocks(capsys):
+    import json
+
+    from onnxrepair.cli import main
+
+    assert main(["inspect", str(fixture_path("torch_resnet_bn_legacy17")), "--json"]) == 0
+    blocks = json.loads(capsys.readouterr().out)["blocks"]
+    assert [(b["name"], b["kind"], b["in_shape"], b["out_shape"]) for b in blocks] == [("block_add", "residual", [8, 14, 14], [8, 14, 14])]
+    assert main(["inspect", str(fixture_path("torch_lenet_legacy11"))]) == 0
+    out = capsys.readouterr().out
+    assert "blocks (archrepair --block NAME)" in out and "stage2_c2_conv" in out
