@@ -99,12 +99,18 @@ def test_weights_only_and_layer_level(one_torch_thread):
 
 def test_search_can_keep_the_original_block_exactly(one_torch_thread):
     """No search, no fine-tuning: the cell is the original block, so predictions are unchanged."""
+    from onnxrepair.methods.archrepair import CELL_NAME
+
     inputs = _inputs(RESNET)
-    out = _run(inputs, search_epochs=0, finetune_epochs=0)
+    out = _run(inputs, search_epochs=0, finetune_epochs=0, keep_alpha_scale="false")
     assert [e["op"] for e in out.info["edges"]] == ["none (dropped)", "original", "none (dropped)"]
     x = torch.rand(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(out.model(x), inputs.model(x), atol=1e-5)
+    # by default the kept op keeps its softmax weight as a constant scale
+    scaled = _run(inputs, search_epochs=0, finetune_epochs=0)
+    w = scaled.info["edges"][1]["alpha"]["original"]
+    assert float(getattr(scaled.model, CELL_NAME).ops[0].weight) == pytest.approx(w, abs=1e-4)
 
 
 def test_plain_cnn_stage_repair(one_torch_thread):
