@@ -135,6 +135,7 @@ def describe(path: Path, trial: bool = True) -> dict:
     def spec(s):
         return {"name": s.name, "dtype": s.dtype_name, "shape": [d if d is not None else "?" for d in s.shape]}
 
+    readiness = _readiness(loaded, trial)
     return {
         "model": str(path),
         "sha256": loaded.sha256,
@@ -149,9 +150,9 @@ def describe(path: Path, trial: bool = True) -> dict:
         "sorted_nodes": loaded.sorted_nodes,
         "op_histogram": dict(sorted(hist.items(), key=lambda kv: (-kv[1], kv[0]))),
         "parameters": n_params,
-        "conversion": _readiness(loaded, trial),
+        "conversion": readiness,
         "repair_sites": repair_sites(m),
-        "blocks": blocks_of(path) if not unsupported else [],
+        "blocks": blocks_of(path) if trial and readiness.get("ready") else [],
     }
 
 
