@@ -135,6 +135,7 @@ def describe(path: Path, trial: bool = True) -> dict:
     def spec(s):
         return {"name": s.name, "dtype": s.dtype_name, "shape": [d if d is not None else "?" for d in s.shape]}
 
+    readiness = _readiness(loaded, trial)
     return {
         "model": str(path),
         "sha256": loaded.sha256,
@@ -149,8 +150,9 @@ def describe(path: Path, trial: bool = True) -> dict:
         "sorted_nodes": loaded.sorted_nodes,
         "op_histogram": dict(sorted(hist.items(), key=lambda kv: (-kv[1], kv[0]))),
         "parameters": n_params,
-        "conversion": _readiness(loaded, trial),
+        "conversion": readiness,
         "repair_sites": repair_sites(m),
+        "blocks": blocks_of(path) if trial and readiness.get("ready") else [],
     }
 
 
@@ -201,6 +203,45 @@ def inspect(
     for r in sites["residual_blocks"]:
         t.add_row("residual", r["node"], f"body {r['body_ops']} ops ({r['body_convs']} conv), shortcut {r['shortcut_ops']} ops")
     con.print(t)
+    print_blocks(con, info["blocks"])
+
+
+# --- ArchRepair blocks (onnxrepair.localize.blocks): found on the converted fx graph, shapes from one forward pass
+def blocks_of(path: Path) -> list[dict] | dict:
+    """Residual blocks (or conv stages of a plain CNN) with entry/exit nodes, shapes and parameter counts;
+    ``{"error": ...}`` when the model does not convert or run."""
+    try:
+        import torch
+
+        import converters
+        from onnxrepair.localize.blocks import find_blocks
+
+        conv = converters.convert(path)
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in conv.inputs[0].shape]
+        example = torch.rand(*shape)
+        return [{k: b.to_dict()[k] for k in ("name", "kind", "entry", "exit", "convs", "in_shape", "out_shape", "stride", "params")}
+                for b in find_blocks(conv.gm.eval(), example)]
+    except Exception as e:  # inspect still reports everything else
+        return {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+
+
+def print_blocks(con, blocks: list[dict] | dict) -> None:
+    from rich.table import Table
+
+    if isinstance(blocks, dict):
+        con.print(f"blocks: not found ({blocks['error']})")
+        return
+    if not blocks:
+        con.print("blocks: none (no residual join and no conv stage; `repair --method archrepair` needs one)")
+        return
+    t = Table(title="blocks (archrepair --block NAME)")
+    for c in ("name", "kind", "entry -> exit", "convs", "in", "out", "params"):
+        t.add_column(c)
+    for b in blocks:
+        t.add_row(b["name"], b["kind"], f"{b['entry']} -> {b['exit']}", str(len(b["convs"])), "x".join(map(str, b["in_shape"])),
+                  "x".join(map(str, b["out_shape"])), f"{b['params']:,}")
+    con.print(t)
+# --- end ArchRepair blocks
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,663 @@
+"""ArchRepair: block-level architecture-and-weight repair.
+
+Qi, Wang, Guo, Chen, Juefei-Xu, Zhang, Ma, Zhao. "ArchRepair: Block-Level Architecture-Oriented Repairing for
+Deep Neural Networks." ACM TOSEM 2023 (arXiv 2111.13330). The search follows DARTS (Liu, Simonyan, Yang,
+"Differentiable Architecture Search", ICLR 2019), first-order variant (its eq. 5-6 with xi = 0).
+
+1. **Repair data** (§3, "a small set of failures plus training data"). From up to ``pool`` training images: the
+   clean ones the model misclassifies, and one corrupted copy of each (a random variant of ``corruptions`` at
+   ``severities``; default the 15 CIFAR-10-C corruptions plus DeepPatch's blur, all at severity 3 = "mid") that
+   it misclassifies; at most ``failures`` of them (the paper's 1,000). They are mixed with ``mix`` times as many
+   training images from the same pool, each clean or corrupted with probability 0.5.
+2. **Localisation** (:mod:`onnxrepair.localize.blocks`): every block scored on the failures (``score``:
+   gradient, the default, or spectrum x gradient); the highest is repaired unless ``block`` names one.
+3. **Relaxation**. The block ``x -> act(shortcut(x) + body(x))`` (residual; a stage has no shortcut) keeps its
+   shortcut and closing activation; its body becomes a DARTS cell: intermediate nodes ``n_j = sum_{i<j} E_ij(n_i)``
+   with ``n_0 = x``, ``nodes`` of them (default 2: three edges), the last one the body's output. Edges leaving
+   ``x`` carry the block's stride and channel change. Each edge is ``sum_o softmax(alpha)_o * o(n_i)`` over
+   ``ops``: none, skip (identity, or a strided 1x1 conv when the shape changes), 3x3 conv, 3x3 / 5x5 separable
+   conv, 3x3 dilated conv (dilation 2), 3x3 max / avg pool (+1x1 conv when channels change), and -- on the edge
+   ``x -> last node`` only -- the original body with its trained weights. Picking "original" there and "none"
+   elsewhere gives back the original block exactly, so the search can keep it.
+4. **Search**: the repair set is split in half (DARTS): op weights w step on one half, alpha on the other,
+   alternating per batch; only the cell is trained, the rest of the network is frozen. The frozen prefix runs once:
+   :func:`onnxrepair.graph.split_at` at the block's entry caches its activations, so each step runs the cell
+   and what follows it. The search keeps its best epoch by the checkpoint rule of step 6 (DARTS keeps the last).
+5. **Discretisation**: argmax of alpha per edge ("none" included: an edge may disappear); a node whose edges are
+   all "none" is zero, and edges leaving it disappear too. If the body would be zero, the best non-"none" op of
+   the edge ``x -> last node`` is kept. The chosen op keeps its softmax weight as a constant scale
+   (``keep_alpha_scale``; DARTS drops it).
+6. **Fine-tuning** of the discrete cell on the whole repair set. Checkpoint rule (search and fine-tuning): the
+   mean of clean and corrupted calibration accuracy, and checkpoints losing at most ``max_clean_drop`` points of
+   clean calibration accuracy against the original model win over those that lose more; epoch 0 competes. The
+   cell replaces the block (:func:`onnxrepair.graph.edit.replace_region`).
+
+Choices the paper does not pin down (all measured by ``bench/archrepair.py``):
+
+* Ops are ReLU -> conv (with bias), no BatchNorm: the repair runs in eval mode (frozen statistics) and both torch
+  exporters fold BN anyway; a separable conv is one depthwise + pointwise pass (DARTS stacks two).
+* Alpha scale kept and best search epoch: on the CIFAR bench, the discretised cell (the original op at weight 1
+  instead of the ~0.7 it had in the mixture) lost 6 points of clean calibration accuracy that 4 fine-tuning
+  epochs did not win back, and the last search epoch had lost 6 points before that.
+* Warm start: new parametric ops have their last conv zero-initialised and the original body's alpha starts at
+  ``warm_logit``, as is "none" on every other edge (others 0), so the relaxed cell starts close to the trained
+  block instead of at random -- DARTS trains from scratch, a repair does not. Without it (uniform alpha) the
+  discretised cell lost most of the fixture's accuracy: the kept op had adapted to a weight of ~0.5.
+* Optimisers: w by SGD (``lr`` 0.001: 0.01 and 0.003 made the loss grow on the BN-folded MNIST ResNet fixture;
+  momentum 0.9, weight decay 5e-4); alpha by Adam (``arch_lr``, betas (0.5, 0.999),
+  weight decay 1e-3, as DARTS).
+* ``level="layer"`` (the layer-level peer): the same search on one conv of the chosen block -- the one with the
+  largest mean |dL/dW| on the failures -- with that conv as the "original" candidate and no shortcut.
+* ``ops="original"`` is block weights-only fine-tuning (no architecture change, no search).
+* Blocks are residual blocks; plain CNNs get their conv stages instead (see the localisation module).
+* Ops keep the spatial size ``ceil(H / stride)``; a block that shrinks otherwise (an unpadded conv) admits only
+  the original candidate on ``x -> output``, and the ops left out are listed in ``info["ops_left_out"]``.
+
+Every op exports to standard ONNX: Conv (grouped for depthwise), Relu, MaxPool, AveragePool, Add, Mul (the kept
+alpha scale); the "none" op is never exported (its edge is dropped at discretisation).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..errors import UsageError
+from ..graph import split_at
+from ..graph.edit import region_nodes, replace_region
+from ..graph.split import ancestors, is_activation
+from ..localize.blocks import (SCORES, Block, find_blocks, gradient_scores, is_conv, pick_block, score_blocks,
+                               why_no_blocks)
+from ..nn import first_output, log_probs
+from ..perturb.mixture import PerturbSpec, perturb_all, perturb_mixture
+from ..train import split_calib, train_loop
+from . import MethodOutput, RepairInputs, register
+
+log = logging.getLogger(__name__)
+
+PRIMITIVES = ("none", "skip", "conv_3x3", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "max_pool_3x3", "avg_pool_3x3")
+ORIGINAL = "original"
+CELL_NAME = "archrepair_cell"
+
+
+@dataclass
+class ArchRepairConfig:
+    block: str = ""  # repair this block (name from `onnxrepair inspect`); empty: the top-ranked one
+    score: str = "gradient"  # block localisation: gradient | spectrum (spectrum x gradient)
+    level: str = "block"  # block | layer (the same search on the block's most-blamed conv)
+    ops: tuple[str, ...] = PRIMITIVES + (ORIGINAL,)  # candidate ops; "original" alone = weights-only fine-tuning
+    nodes: int = 2  # intermediate nodes of the cell (edges = nodes * (nodes + 1) / 2)
+    corruptions: tuple[str, ...] = ("cifar10c", "deeppatch_blur")  # failures come from these (and clean errors)
+    severities: tuple[int, ...] = (3,)
+    pool: int = 3000  # training images examined for failures
+    failures: int = 1000  # at most this many failures (the paper's repair set)
+    mix: float = 1.0  # training images added per failure
+    search_epochs: int = 6
+    finetune_epochs: int = 6
+    batch_size: int = 128
+    lr: float = 0.001  # op weights (SGD); 0.01 and 0.003 diverged on the BN-folded MNIST ResNet fixture
+    arch_lr: float = 0.003  # alpha (Adam)
+    warm_logit: float = 3.0  # warm start: alpha of "original" (its edge) and of "none" (the other edges)
+    max_clean_drop: float = 0.5  # points of calib clean accuracy a checkpoint may lose to be preferred
+    keep_alpha_scale: bool = True  # the chosen op keeps its softmax weight as a constant scale (DARTS drops it)
+
+
+# --------------------------------------------------------------------------- candidate operations
+
+
+class Zero(nn.Module):
+    def __init__(self, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.c_out, self.stride = c_out, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        return x[:, :1, ::s, ::s].mul(0.0).expand(-1, self.c_out, -1, -1)
+
+
+def _conv(c_in: int, c_out: int, k: int, stride: int, pad: int, dil: int = 1, groups: int = 1, zero: bool = False) -> nn.Conv2d:
+    c = nn.Conv2d(c_in, c_out, k, stride, pad, dilation=dil, groups=groups, bias=True)
+    if zero:
+        nn.init.zeros_(c.weight)
+        nn.init.zeros_(c.bias)
+    return c
+
+
+def make_op(name: str, c_in: int, c_out: int, stride: int) -> nn.Module:
+    """One candidate op mapping (c_in, H, W) -> (c_out, ceil(H/stride), ceil(W/stride)) (module doc)."""
+    if name == "none":
+        return Zero(c_out, stride)
+    if name == "skip":
+        return nn.Identity() if (c_in == c_out and stride == 1) else _conv(c_in, c_out, 1, stride, 0, zero=True)
+    if name == "conv_3x3":
+        return nn.Sequential(nn.ReLU(), _conv(c_in, c_out, 3, stride, 1, zero=True))
+    if name in ("sep_conv_3x3", "sep_conv_5x5"):
+        k = 3 if name.endswith("3x3") else 5
+        return nn.Sequential(nn.ReLU(), _conv(c_in, c_in, k, stride, k // 2, groups=c_in), _conv(c_in, c_out, 1, 1, 0, zero=True))
+    if name == "dil_conv_3x3":
+        return nn.Sequential(nn.ReLU(), _conv(c_in, c_in, 3, stride, 2, dil=2, groups=c_in), _conv(c_in, c_out, 1, 1, 0, zero=True))
+    if name in ("max_pool_3x3", "avg_pool_3x3"):
+        pool = nn.MaxPool2d(3, stride, 1) if name.startswith("max") else nn.AvgPool2d(3, stride, 1, count_include_pad=False)
+        return pool if c_in == c_out else nn.Sequential(pool, _conv(c_in, c_out, 1, 1, 0, zero=True))
+    raise UsageError(f"unknown ArchRepair op {name!r}; ops: {', '.join(PRIMITIVES + (ORIGINAL,))}")
+
+
+def _n_params(m: nn.Module | None) -> int:
+    return 0 if m is None else int(sum(p.numel() for p in m.parameters()))
+
+
+class MixedOp(nn.Module):
+    def __init__(self, ops: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.names = list(ops)
+        self.ops = nn.ModuleList(ops.values())
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+def _edges(nodes: int) -> list[tuple[int, int]]:
+    return [(i, j) for j in range(1, nodes + 1) for i in range(j)]
+
+
+class RelaxedCell(nn.Module):
+    """``act(shortcut(x) + n_last)``, ``n_j = sum_i MixedOp_ij(n_i)`` (module doc)."""
+
+    def __init__(self, edges: dict[tuple[int, int], MixedOp], nodes: int, shortcut: nn.Module | None, act: nn.Module | None,
+                 init: dict[tuple[int, int], torch.Tensor]) -> None:
+        super().__init__()
+        self.nodes = nodes
+        self.keys = list(edges)
+        self.edges = nn.ModuleList(edges.values())
+        self.alphas = nn.ParameterList([nn.Parameter(init[k].clone()) for k in self.keys])
+        self.shortcut, self.act = shortcut, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals = [x]
+        for j in range(1, self.nodes + 1):
+            acc = None
+            for k, (i, jj) in enumerate(self.keys):
+                if jj == j:
+                    v = self.edges[k](vals[i], torch.softmax(self.alphas[k], 0))
+                    acc = v if acc is None else acc + v
+            vals.append(acc)
+        y = vals[-1] if self.shortcut is None else self.shortcut(x) + vals[-1]
+        return self.act(y) if self.act is not None else y
+
+
+class Scaled(nn.Module):
+    """A chosen op times the constant softmax weight it had in the relaxed cell (an ONNX Mul by a scalar)."""
+
+    def __init__(self, op: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.op = op
+        self.register_buffer("weight", torch.tensor(float(weight)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x) * self.weight
+
+
+class DiscreteCell(nn.Module):
+    """The chosen cell: one op per kept edge, no alpha."""
+
+    def __init__(self, edges: dict[tuple[int, int], nn.Module], nodes: int, shortcut: nn.Module | None, act: nn.Module | None) -> None:
+        super().__init__()
+        self.nodes = nodes
+        self.keys = list(edges)
+        self.ops = nn.ModuleList(edges.values())
+        self.shortcut, self.act = shortcut, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals: list[torch.Tensor | None] = [x]
+        for j in range(1, self.nodes + 1):
+            acc = None
+            for k, (i, jj) in enumerate(self.keys):
+                if jj == j and vals[i] is not None:
+                    v = self.ops[k](vals[i])
+                    acc = v if acc is None else acc + v
+            vals.append(acc)
+        y = vals[-1]
+        if self.shortcut is not None:
+            y = self.shortcut(x) + y
+        return self.act(y) if self.act is not None else y
+
+
+# --------------------------------------------------------------------------- the original block, in pieces
+
+
+def _sub(gm: fx.GraphModule, entry: fx.Node, end: fx.Node, region: set[fx.Node]) -> nn.Module:
+    """``entry value -> end value`` through the region's nodes, as a GraphModule (Identity when end is entry)."""
+    if end is entry:
+        return nn.Identity()
+    keep = (ancestors(end) - ancestors(entry)) & region
+    g = fx.Graph()
+    env = {entry: g.placeholder("x")}
+    for n in gm.graph.nodes:
+        if n in keep or (n.op == "get_attr" and any(u in keep for u in n.users)):
+            env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[end])
+    return copy.deepcopy(fx.GraphModule(gm, g, class_name="OriginalPart"))
+
+
+def decompose(gm: fx.GraphModule, block: Block) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+    """(body, shortcut, closing activation) of a block, with the trained weights (copies)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    entry, exit = nodes[block.entry], nodes[block.exit]
+    region = set(region_nodes(gm, block.entry, block.exit))
+    act, pre = None, exit
+    if is_activation(gm, exit) and len(exit.all_input_nodes) == 1 and block.kind != "layer":
+        pre = exit.all_input_nodes[0]
+        act = _sub(gm, pre, exit, region)
+    if block.kind == "residual" and pre.name == block.join:
+        a, b = pre.all_input_nodes
+
+        def weight(n: fx.Node) -> int:
+            return sum(1 for m in ancestors(n) & region if is_conv(gm, m))
+
+        body_end, short_end = (a, b) if weight(a) > weight(b) or (weight(a) == weight(b) and b is entry) else (b, a)
+        return _sub(gm, entry, body_end, region), _sub(gm, entry, short_end, region), act
+    return _sub(gm, entry, pre, region), None, act
+
+
+# --------------------------------------------------------------------------- data: failures, cache
+
+
+@dataclass
+class Cached:
+    cut: torch.Tensor
+    carried: tuple
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, idx: torch.Tensor) -> "Cached":
+        n = len(self.y)
+        car = tuple(c[idx] if isinstance(c, torch.Tensor) and c.ndim >= 1 and c.shape[0] == n else c for c in self.carried)
+        return Cached(self.cut[idx], car, self.y[idx])
+
+
+class Runner:
+    """The model with the cell in place, split at the block's entry: the prefix runs once per data set."""
+
+    def __init__(self, gm: fx.GraphModule, entry: str) -> None:
+        self.gm = gm
+        node = next(n for n in gm.graph.nodes if n.name == entry)
+        self.split = None if node.op == "placeholder" else split_at(gm, entry)
+
+    @torch.no_grad()
+    def cache(self, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> Cached:
+        if self.split is None:
+            return Cached(x, (), y)
+        cuts, cars = [], []
+        for i in range(0, len(x), batch):
+            c, car = self.split.run_prefix(x[i : i + batch])
+            cuts.append(c)
+            cars.append(car)
+        n = len(x)
+        carried = []
+        for k in range(len(cars[0]) if cars else 0):
+            parts = [c[k] for c in cars]
+            if isinstance(parts[0], torch.Tensor) and parts[0].ndim >= 1 and sum(p.shape[0] for p in parts) == n and len(parts) > 1:
+                carried.append(torch.cat(parts))
+            else:
+                carried.append(parts[0])
+        return Cached(torch.cat(cuts), tuple(carried), y)
+
+    def __call__(self, d: Cached) -> torch.Tensor:
+        out = self.gm(d.cut) if self.split is None else self.split.run_suffix(d.cut, d.carried)
+        return first_output(out)
+
+
+def _batches(d: Cached, batch_size: int, seed: int):
+    order = torch.randperm(len(d), generator=torch.Generator().manual_seed(seed))
+    for i in range(0, len(d), batch_size):
+        yield d.take(order[i : i + batch_size])
+
+
+@torch.no_grad()
+def _acc(run: Runner, d: Cached, batch: int = 512) -> float:
+    if len(d) == 0:
+        return float("nan")
+    correct = 0
+    for i in range(0, len(d), batch):
+        part = d.take(torch.arange(i, min(i + batch, len(d))))
+        correct += int((run(part).argmax(1) == part.y).sum())
+    return correct / len(d)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    return torch.cat([first_output(model(x[i : i + batch])).argmax(1) for i in range(0, len(x), batch)])
+
+
+def repair_data(inputs: RepairInputs, cfg: ArchRepairConfig, spec: PerturbSpec, train) -> dict[str, Any]:
+    """Failures (clean and corrupted) mixed with training images, in model space (module doc, step 1)."""
+    dev, contract = inputs.device, inputs.contract
+    pool = train.limit(cfg.pool, seed=inputs.seed)
+    gen = np.random.default_rng(inputs.seed + 101)
+    unit = contract.to_unit(pool.x).to(dev)
+    y = torch.as_tensor(pool.y, device=dev)
+    corrupted = perturb_all(unit, spec, gen)
+    x_clean, x_corr = contract.to_model(unit), contract.to_model(corrupted)
+    model = inputs.model.to(dev).eval()
+    wrong_clean = _predict(model, x_clean) != y
+    wrong_corr = _predict(model, x_corr) != y
+    fx_ = torch.cat([x_clean[wrong_clean], x_corr[wrong_corr]])
+    fy = torch.cat([y[wrong_clean], y[wrong_corr]])
+    order = torch.randperm(len(fy), generator=torch.Generator().manual_seed(inputs.seed))[: cfg.failures]
+    fx_, fy = fx_[order], fy[order]
+    n_mix = int(round(cfg.mix * len(fy)))
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(inputs.seed + 1))[:n_mix]
+    mixed = contract.to_model(perturb_mixture(unit[pick], spec, 0.5, gen))
+    passing = x_clean[~wrong_clean][:512]
+    return {
+        "x_fail": fx_, "y_fail": fy, "x_pass": passing,
+        "x": torch.cat([fx_, mixed]), "y": torch.cat([fy, y[pick]]),
+        "counts": {"pool": len(y), "clean_failures": int(wrong_clean.sum()), "corrupted_failures": int(wrong_corr.sum()),
+                   "failures_used": len(fy), "training_mixed_in": int(n_mix)},
+    }
+
+
+# --------------------------------------------------------------------------- the method
+
+
+def _layer_block(gm: fx.GraphModule, block: Block, x_fail, y_fail, output_kind: str, example: torch.Tensor) -> tuple[Block, list[dict]]:
+    """The block's conv with the largest mean |dL/dW| on the failures, as a one-node region."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    cands = [Block(c, "layer", nodes[c].all_input_nodes[0].name, c, [c], [c], _n_params(gm.get_submodule(str(nodes[c].target))))
+             for c in block.convs]
+    grads = gradient_scores(gm, cands, x_fail, y_fail, output_kind) if len(x_fail) else [0.0] * len(cands)
+    ranking = sorted(({"layer": b.name, "gradient": g} for b, g in zip(cands, grads)), key=lambda r: -r["gradient"])
+    chosen = next(b for b in cands if b.name == ranking[0]["layer"])
+    from ..graph.capture import capture
+
+    v = capture(gm, [chosen.entry, chosen.exit], example[:2])
+    chosen.in_shape, chosen.out_shape = list(v[chosen.entry].shape[1:]), list(v[chosen.exit].shape[1:])
+    chosen.stride = max(1, int(round(chosen.in_shape[1] / chosen.out_shape[1])))
+    return chosen, ranking
+
+
+def build_relaxed(block: Block, body: nn.Module, shortcut, act, cfg: ArchRepairConfig, device) -> tuple[RelaxedCell, dict[str, str]]:
+    """The relaxed cell; ops whose output shape does not fit are left out, with the reason."""
+    c_in, h, w = block.in_shape
+    c_out, ho, wo = block.out_shape
+    skipped: dict[str, str] = {}
+    unknown = [o for o in cfg.ops if o not in PRIMITIVES + (ORIGINAL,)]
+    if unknown:
+        raise UsageError(f"unknown ArchRepair op(s) {', '.join(unknown)}; ops: {', '.join(PRIMITIVES + (ORIGINAL,))}")
+    probe = torch.zeros(1, c_in, h, w, device=device)
+    last = cfg.nodes
+    edges, init = {}, {}
+    reached = {0}
+    for (i, j) in _edges(cfg.nodes):
+        if i not in reached:  # no op fitted any edge into node i: nothing leaves it
+            skipped[f"*@{i}->{j}"] = f"node {i} has no input edge"
+            continue
+        ci, s = (c_in, block.stride) if i == 0 else (c_out, 1)
+        ops: dict[str, nn.Module] = {}
+        for name in cfg.ops:
+            if name == ORIGINAL:
+                if (i, j) == (0, last):
+                    ops[name] = body
+                continue
+            op = make_op(name, ci, c_out, s).to(device)
+            x = probe if i == 0 else torch.zeros(1, c_out, ho, wo, device=device)
+            with torch.no_grad():
+                got = tuple(op(x).shape[1:])
+            if got != (c_out, ho, wo):
+                skipped[f"{name}@{i}->{j}"] = f"output {got} != block output {(c_out, ho, wo)}"
+                continue
+            ops[name] = op
+        if not ops:
+            continue
+        edges[(i, j)] = MixedOp(ops)
+        reached.add(j)
+        a = torch.zeros(len(ops))
+        warm = ORIGINAL if ORIGINAL in ops else ("none" if (i, j) != (0, last) and "none" in ops else None)
+        if warm is not None:  # start close to the trained block (module doc: warm start)
+            a[list(ops).index(warm)] = cfg.warm_logit
+        init[(i, j)] = a
+    if (0, last) not in edges:
+        raise UsageError("no candidate op fits the block's shapes on the edge input -> output: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return RelaxedCell(edges, cfg.nodes, shortcut, act, init).to(device), skipped
+
+
+def discretise(cell: RelaxedCell, keep_weight: bool = True) -> tuple[DiscreteCell, list[dict]]:
+    """Argmax per edge, "none" edges and edges from zero nodes dropped (module doc, step 5)."""
+    picks: dict[tuple[int, int], tuple[int, list[str], torch.Tensor, int]] = {}
+    for k, key in enumerate(cell.keys):
+        w = torch.softmax(cell.alphas[k].detach(), 0)
+        picks[key] = (k, cell.edges[k].names, w, int(w.argmax()))
+    alive, kept = {0}, {}
+    for j in range(1, cell.nodes + 1):
+        for key, (k, names, w, best) in picks.items():
+            if key[1] == j and key[0] in alive and names[best] != "none":
+                kept[key] = best
+                alive.add(j)
+    last = (0, cell.nodes)
+    if cell.nodes not in alive and last in picks:  # the body would be zero: keep the best real op of x -> output
+        k, names, w, _ = picks[last]
+        real = [int(t) for t in torch.argsort(w, descending=True) if names[int(t)] != "none"]
+        if real:
+            kept[last] = real[0]
+    report, chosen = [], {}
+    for key, (k, names, w, best) in picks.items():
+        op = names[kept[key]] if key in kept else "none (dropped)"
+        report.append({"edge": f"{key[0]}->{key[1]}", "op": op, "alpha": {n: round(float(v), 4) for n, v in zip(names, w)}})
+        if key in kept:
+            op = copy.deepcopy(cell.edges[k].ops[kept[key]])
+            chosen[key] = Scaled(op, float(w[kept[key]])) if keep_weight else op
+    return DiscreteCell(chosen, cell.nodes, copy.deepcopy(cell.shortcut), copy.deepcopy(cell.act)), report
+
+
+def _preferring_clean(clean: float, corrupted: float, orig_clean: float, max_drop: float) -> tuple[float, dict]:
+    """Checkpoint score: mean of calib clean and corrupted accuracy, plus 1 when clean accuracy lost at most
+    ``max_drop`` points, so such checkpoints win; when none qualifies, the best mean still does (never the
+    untrained discretised cell by default)."""
+    ok = (orig_clean - clean) * 100 <= max_drop + 1e-9
+    mixed = (clean + corrupted) / 2
+    return mixed + (1.0 if ok else 0.0), {"calib_clean": clean, "calib_corrupted": corrupted, "within_clean_limit": ok}
+
+
+def _ce(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch.nn.functional.nll_loss(log_probs(out, kind), y)
+
+
+def _with_cell(gm: fx.GraphModule, block: Block, cell: nn.Module) -> fx.GraphModule:
+    model, _ = replace_region(copy.deepcopy(gm), block.entry, block.exit, cell, CELL_NAME)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in getattr(model, CELL_NAME).parameters():
+        p.requires_grad_(True)
+    return model.eval()
+
+
+@register("archrepair", config=ArchRepairConfig, task="robustness", needs="labelled images",
+          summary="block-level repair: locate the block most to blame, search its architecture and weights (DARTS cell)",
+          paper="Qi et al., ArchRepair, ACM TOSEM 2023 (arXiv 2111.13330)")
+def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
+    t_start = time.perf_counter()
+    if inputs.train.y is None:
+        raise UsageError("archrepair needs labelled training data")
+    if cfg.score not in SCORES:
+        raise UsageError(f"--score must be one of {', '.join(SCORES)}, not {cfg.score!r}")
+    if cfg.level not in ("block", "layer"):
+        raise UsageError(f"--level must be block or layer, not {cfg.level!r}")
+    if cfg.nodes < 1:
+        raise UsageError("--nodes must be at least 1")
+    dev, kind, contract = inputs.device, inputs.output_kind, inputs.contract
+    gm: fx.GraphModule = copy.deepcopy(inputs.model).to(dev).eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    train, calib_data = split_calib(inputs.train, inputs.calib, inputs.seed)
+    example = contract.to_model(contract.to_unit(train.x[:2]).to(dev))
+    blocks = find_blocks(gm, example)
+    if not blocks:
+        raise UsageError(f"ArchRepair needs a block to repair: {why_no_blocks(gm)}")
+    if cfg.block:
+        pick_block(blocks, cfg.block, gm)  # a bad name fails before any work
+    spec = PerturbSpec.resolve((), cfg.corruptions, cfg.severities)
+    torch.manual_seed(inputs.seed)
+    timings: dict[str, float] = {}
+
+    # 1-2: repair data and localisation
+    t = time.perf_counter()
+    data = repair_data(inputs, cfg, spec, train)
+    ranking = score_blocks(gm, blocks, data["x_fail"], data["y_fail"], data["x_pass"], kind, cfg.score)
+    block = pick_block(blocks, cfg.block or ranking[0].block, gm)
+    layer_ranking: list[dict] = []
+    target = block
+    if cfg.level == "layer":
+        target, layer_ranking = _layer_block(gm, block, data["x_fail"], data["y_fail"], kind, example)
+    timings["localise"] = time.perf_counter() - t
+
+    body, shortcut, act = decompose(gm, target)
+    removed = int(sum(p.numel() for p in {id(p): p for p in
+                                          _region_params(gm, target)}.values()))
+
+    # calibration data (clean + one corrupted copy each), and the repair set, through the cached prefix
+    gen = np.random.default_rng(inputs.seed + 7)
+    cu = contract.to_unit(calib_data.x).to(dev)
+    cy = torch.as_tensor(calib_data.y, device=dev)
+    c_clean, c_corr = contract.to_model(cu), contract.to_model(perturb_all(cu, spec, gen))
+
+    orig_runner = Runner(gm, target.entry)
+    o_clean, o_corr = _acc(orig_runner, orig_runner.cache(c_clean, cy)), _acc(orig_runner, orig_runner.cache(c_corr, cy))
+    search_only_original = set(cfg.ops) <= {ORIGINAL}
+    history: dict[str, list] = {"search": [], "finetune": []}
+    edges_report: list[dict] = []
+    skipped: dict[str, str] = {}
+    if search_only_original:
+        cell = DiscreteCell({(0, 1): body}, 1, shortcut, act)
+        timings["search"] = 0.0
+        edges_report = [{"edge": "0->1", "op": ORIGINAL, "alpha": {ORIGINAL: 1.0}}]
+        relaxed_runner = None
+    else:
+        t = time.perf_counter()
+        relaxed, skipped = build_relaxed(target, body, shortcut, act, cfg, dev)
+        relaxed_model = _with_cell(gm, target, relaxed)
+        relaxed_runner = Runner(relaxed_model, target.entry)
+        rep = relaxed_runner.cache(data["x"], data["y"])
+        cal_clean = relaxed_runner.cache(c_clean, cy)
+        cal_corr = relaxed_runner.cache(c_corr, cy)
+        perm = torch.randperm(len(rep), generator=torch.Generator().manual_seed(inputs.seed + 3))
+        half = len(rep) // 2
+        w_set, a_set = rep.take(perm[half:]), rep.take(perm[:half])
+        cell_mod = getattr(relaxed_model, CELL_NAME)
+        alphas = list(cell_mod.alphas.parameters())
+        w_params = [p for n, p in cell_mod.named_parameters() if not n.startswith("alphas")]
+        opt_w = torch.optim.SGD(w_params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+        opt_a = torch.optim.Adam(alphas, lr=cfg.arch_lr, betas=(0.5, 0.999), weight_decay=1e-3)
+
+        def search_batches(epoch: int):
+            a_iter = _cycle(a_set, cfg.batch_size, inputs.seed * 1000 + epoch + 500)
+            for wb in _batches(w_set, cfg.batch_size, inputs.seed * 1000 + epoch):
+                yield wb, next(a_iter)
+
+        def search_step(batch, step: int) -> torch.Tensor:
+            wb, ab = batch
+            opt_a.zero_grad(set_to_none=True)
+            _ce(relaxed_runner(ab), ab.y, kind).backward()  # first-order DARTS: alpha on the held-out half
+            opt_a.step()
+            return _ce(relaxed_runner(wb), wb.y, kind)
+
+        def search_score(epoch: int):
+            value, info = _preferring_clean(_acc(relaxed_runner, cal_clean), _acc(relaxed_runner, cal_corr), o_clean, cfg.max_clean_drop)
+            info["alpha"] = {f"{i}->{j}": {n: round(float(v), 3) for n, v in zip(cell_mod.edges[k].names, torch.softmax(cell_mod.alphas[k].detach(), 0))}
+                             for k, (i, j) in enumerate(cell_mod.keys)}
+            return value, info
+
+        res = train_loop(relaxed_model, opt_w, search_batches, search_step, epochs=cfg.search_epochs,
+                         n_batches=-(-len(w_set) // cfg.batch_size), score=search_score, keep="best",
+                         state_keys=lambda k: k.startswith(CELL_NAME + "."),
+                         batch_len=lambda b: len(b[0]), progress=inputs.progress, label="archrepair search")
+        history["search"] = res.history
+        cell, edges_report = discretise(cell_mod, cfg.keep_alpha_scale)
+        timings["search"] = time.perf_counter() - t
+
+    # 6: fine-tune the discrete cell
+    t = time.perf_counter()
+    model = _with_cell(gm, target, cell)
+    runner = Runner(model, target.entry)
+    rep = runner.cache(data["x"], data["y"])
+    cal_clean = runner.cache(c_clean, cy)
+    cal_corr = runner.cache(c_corr, cy)
+    cell_params = [p for p in getattr(model, CELL_NAME).parameters()]
+    if cell_params and cfg.finetune_epochs > 0:
+        opt = torch.optim.SGD(cell_params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+
+        def ft_score(epoch: int):
+            return _preferring_clean(_acc(runner, cal_clean), _acc(runner, cal_corr), o_clean, cfg.max_clean_drop)
+
+        res = train_loop(model, opt, lambda e: _batches(rep, cfg.batch_size, inputs.seed * 1000 + 77 + e),
+                         lambda b, s: _ce(runner(b), b.y, kind), epochs=cfg.finetune_epochs,
+                         n_batches=-(-len(rep) // cfg.batch_size), score=ft_score, keep="best",
+                         state_keys=lambda k: k.startswith(CELL_NAME + "."), batch_len=len, progress=inputs.progress, label="archrepair fine-tune")
+        history["finetune"] = res.history
+        best_epoch = res.best_epoch
+        eligible = bool(res.history[best_epoch].get("within_clean_limit", True))
+    else:
+        best_epoch, eligible = 0, True
+    timings["finetune"] = time.perf_counter() - t
+    for p in model.parameters():
+        p.requires_grad_(False)
+    r_clean, r_corr = _acc(runner, cal_clean), _acc(runner, cal_corr)
+    added = _n_params(getattr(model, CELL_NAME))
+    timings["total"] = time.perf_counter() - t_start
+
+    info = {
+        "blocks": [b.to_dict() for b in blocks],
+        "ranking": [r.__dict__ for r in ranking],
+        "score": cfg.score,
+        "chosen_block": block.name,
+        "level": cfg.level,
+        "repaired_region": {"name": target.name, "entry": target.entry, "exit": target.exit, "nodes": target.nodes,
+                            "in_shape": target.in_shape, "out_shape": target.out_shape, "stride": target.stride},
+        "layer_ranking": layer_ranking,
+        "edges": edges_report,
+        "ops_left_out": skipped,
+        "repair_data": data["counts"],
+        "params_removed": removed,
+        "params_added": added,
+        "params_delta": added - removed,
+        "finetune_best_epoch": best_epoch,
+        "within_clean_limit": eligible,
+        "calib_accuracy": {"original_clean": o_clean, "original_perturbed": o_corr,
+                           "repaired_clean": r_clean, "repaired_perturbed": r_corr},
+        "history": history,
+        "seconds": timings,
+    }
+    top = ", ".join(f"{r.block} {r.score:.3g}" for r in ranking[:4])
+    ops = ", ".join(f"{e['edge']} {e['op']}" for e in edges_report)
+    summary = [
+        f"blocks ranked by {cfg.score} score on {data['counts']['failures_used']} failures: {top}; repaired: {target.name}"
+        + (f" (layer of block {block.name})" if cfg.level == "layer" else ""),
+        f"cell: {ops}; parameters {removed:,} -> {added:,}; fine-tune epoch kept: {best_epoch} of {cfg.finetune_epochs}",
+        f"seconds: localise {timings['localise']:.1f}, search {timings['search']:.1f}, fine-tune {timings['finetune']:.1f}",
+    ]
+    return MethodOutput(model=model.eval(), info=info, summary=summary)
+
+
+def _region_params(gm: fx.GraphModule, block: Block) -> list[nn.Parameter]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for name in block.nodes:
+        n = nodes[name]
+        if n.op == "call_module":
+            out.extend(gm.get_submodule(str(n.target)).parameters())
+    return out
+
+
+def _cycle(d: Cached, batch_size: int, seed: int):
+    k = 0
+    while True:
+        yield from _batches(d, batch_size, seed + k)
+        k += 1
