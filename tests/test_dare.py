@@ -232,3 +232,21 @@ def test_no_input_accepted_is_validation_failed(one_torch_thread):
     spec = get("dare")
     with pytest.raises(ValidationFailed, match="no pool input was accepted"):
         spec.fn(_inputs(_Seq([FINAL])), make_config(spec, {"scan": "all", "epochs": "1", "lrs": "1e-3"}))
+
+
+# --------------------------------------------------------------------------- the per-attack adversarial fine-tuning peers
+@pytest.mark.parametrize("attack,name", [("fgsm", "fgsm"), ("cw", "cw-l2")])
+def test_adversarial_training_peer_per_attack(attack, name, one_torch_thread):
+    from onnxrepair.errors import UsageError
+    from onnxrepair.methods import get, make_config
+
+    spec = get("adversarial-training")
+    inp = _inputs(None)
+    inp.train = inp.train.limit(128, seed=0)
+    inp.calib = inp.calib.limit(32, seed=0)
+    out = spec.fn(inp, make_config(spec, {"attack": attack, "epochs": "1", "eps": "0.1" if attack == "fgsm" else "2",
+                                          "steps": "3", "calib_attack_size": "16"}))
+    assert out.info["attack"]["name"] == name
+    assert f"calib_{attack}" in out.info["history"][0]
+    with pytest.raises(UsageError, match="--attack"):
+        spec.fn(inp, make_config(spec, {"attack": "jsma"}))
