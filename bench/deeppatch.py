@@ -36,11 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from converters.export import export_graph  # noqa: E402
-from converters.load import load_model  # noqa: E402
-from converters.to_torch import to_torch  # noqa: E402
 from onnxrepair.data.contract import InputContract  # noqa: E402
 from onnxrepair.data.dataset import ArrayDataset  # noqa: E402
-from onnxrepair.methods import RepairInputs, get  # noqa: E402
+from onnxrepair import repair as stages  # noqa: E402
+from onnxrepair.methods import get  # noqa: E402
 from onnxrepair.perturb.blur import DEEPPATCH_SIGMAS, gaussian_blur  # noqa: E402
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -206,15 +205,17 @@ def run_dataset(name: str, train: ArrayDataset, calib: ArrayDataset, test: Array
         cfg = spec.config_cls(epochs=args.epochs, batch_size=args.batch_size)
         if method == "deeppatch":
             cfg = dataclasses.replace(cfg, assess_samples=args.assess_samples, **({"gate": args.gate} if args.gate else {}))
-        gm = to_torch(load_model(orig_path))
-        inputs = RepairInputs(model=gm, contract=contract, train=train, calib=calib, output_kind="logits",
-                              device=torch.device(args.device), seed=args.seed)
         print(f"[{name}] {method} ({args.epochs} epochs)", file=sys.stderr)
         t = time.perf_counter()
-        out = spec.fn(inputs, cfg)
+        # the pipeline's own stages, with the bench's splits: what a user runs, measured
+        prep = stages.prepare(orig_path, method, train, splits=(train, calib, test), contract=contract, config=cfg,
+                              device=args.device, seed=args.seed)
+        out = stages.run(prep)
         repair_s = time.perf_counter() - t
         path = work / f"{name}_{method}.onnx"
-        exporter = export_to(out.model, example, path)
+        exported = stages.export(prep, out, exporter="legacy")
+        onnx.save(exported.model, str(path))
+        exporter = exported.exporter
         row = {**evaluate(path, sets, test.y), "repair_s": repair_s, "exporter": exporter}
         lat = latency_pair(orig_path, path, x_lat, args.latency_repeats)
         row["latency"] = lat

@@ -40,15 +40,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from converters.export import export_graph  # noqa: E402
-from converters.load import load_model  # noqa: E402
-from converters.to_torch import to_torch  # noqa: E402
 from fixtures.make_tabular_fixtures import export_onnx, train_mlp  # noqa: E402
 from onnxrepair.data.contract import InputContract  # noqa: E402
 from onnxrepair.data.tabular import ENCODERS, PROTECTED, TARGETS, load_csv, resolve_protected  # noqa: E402
 from onnxrepair.fairness import evaluate_fairness, predict  # noqa: E402
 from onnxrepair.io import write_json_atomic  # noqa: E402
-from onnxrepair.methods import RepairInputs, get  # noqa: E402
+from onnxrepair import repair as stages  # noqa: E402
+from onnxrepair.methods import get  # noqa: E402
 from onnxrepair.report import bar_chart  # noqa: E402
 from onnxrepair.metrics import fairness_report, relative_change  # noqa: E402
 from onnxrepair.runtime import make_session  # noqa: E402
@@ -125,7 +123,6 @@ def run_dataset(args: argparse.Namespace, name: str, seed: int, methods: list[st
         infos = {}
         for m in methods:
             t = time.perf_counter()
-            gm = to_torch(load_model(base))
             method = "fmt" if m.startswith("fmt") else m
             ms = get(method)
             if method == "fmt":  # fmt-MODE[-select][-step]: the tool's defaults (the paper's procedure) plus opt-ins
@@ -138,8 +135,11 @@ def run_dataset(args: argparse.Namespace, name: str, seed: int, methods: list[st
                                     select_max_drop=args.select_max_drop, **extra)
             else:
                 cfg = ms.config_cls(epochs=args.ft_epochs, batch_size=args.batch_size)
-            out = ms.fn(RepairInputs(gm, InputContract(layout="tabular"), train, None, "logits", dev, seed, protected=spec), cfg)
-            res = export_graph(out.model, [torch.zeros(2, train.x.shape[1])], ["features"], ["logits"], exporter="legacy")
+            # the pipeline's own stages on the bench's split (no calibration rows, as the paper)
+            prep = stages.prepare(base, method, train, splits=(train, None, test), contract=InputContract(layout="tabular"),
+                                  config=cfg, protected=attr, device=dev.type, seed=seed)
+            out = stages.run(prep)
+            res = stages.export(prep, out, exporter="legacy")
             p = tmp / f"{name}_{attr}_{m}_s{seed}.onnx"
             onnx.save(res.model, str(p))
             paths[m] = p

@@ -123,14 +123,22 @@ def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, data_name: str | None = None) -> Path:
+    """Serialise ``model`` to ``path``; past protobuf's 2 GB limit the weights go to one external file
+    ``data_name`` (default ``<name>.data``) beside it."""
+    path = Path(path)
+    if model.ByteSize() > 2**31 - 1:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=data_name or path.name + ".data")
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
 def save_model_atomic(model: onnx.ModelProto, dest: str | os.PathLike) -> Path:
     """Serialise ``model`` to a temporary file beside ``dest`` and rename it into place."""
     from onnxrepair.io import atomic_path
 
     dest = Path(dest)
     with atomic_path(dest) as tmp:
-        if model.ByteSize() > 2**31 - 1:  # protobuf's 2 GB limit: weights go to one external file
-            onnx.save_model(model, str(tmp), save_as_external_data=True, location=dest.name + ".data")
-        else:
-            onnx.save_model(model, str(tmp))
+        save_model(model, tmp, data_name=dest.name + ".data")
     return dest

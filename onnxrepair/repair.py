@@ -1,10 +1,13 @@
 """The repair pipeline: ONNX in, validated ONNX out, with a report of what changed.
 
-    load + convert (converters) -> split data -> method (onnxrepair.methods.<name>)
-    -> export like the original (converters) -> fidelity check of the exported file against the
-    repaired torch graph (onnxrepair.validate; a split-off classifier tail runs after it)
-    -> before/after evaluation of both *files* on onnxruntime
-    -> accuracy-retention contract -> atomic write of the model and the report.
+    prepare: load + convert (converters), contract, data checks, splits, protected attribute, extra inputs
+    run:     the method (onnxrepair.methods.<name>) on the prepared inputs
+    export:  like the original (converters), contract and config in the metadata
+    judge:   fidelity check of the exported file against the repaired torch graph (onnxrepair.validate; a
+             split-off classifier tail runs after it) -> before/after evaluation of both *files* on
+             onnxruntime -> accuracy-retention contract -> atomic write of the model and the report.
+
+The benches call the same stages, so a benchmark measures what a user runs.
 
 The held-out split used for the retention contract and the report is never shown to the method:
 the method trains on ``train`` and calibrates / picks checkpoints on ``calib``.
@@ -29,7 +32,8 @@ from .data.contract import METADATA_KEY, InputContract
 from .data.dataset import ArrayDataset
 from .errors import DataError, UsageError, ValidationFailed
 from .io import atomic_path, check_output_path, write_json_atomic
-from .methods import ProtectedSpec, RepairInputs
+from .data.protected import ProtectedSpec
+from .methods import MethodOutput, RepairInputs
 from .nn import first_output, looks_like_probabilities, pick_device
 from .progress import SILENT, Reporter
 
@@ -56,6 +60,7 @@ class RepairResult:
     contract: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     output_kind: str = "logits"  # how the methods read the model's first output: "logits" or "probs"
+    summary: list[str] = field(default_factory=list)  # the method's own lines (MethodOutput.summarise)
     version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,7 +95,7 @@ def _validate_export(path: str, module: torch.nn.Module, tail, contract: InputCo
     ZipMap are compared name by name) on up to 64 held-out rows, at batch 1 and at the larger batch."""
     from .validate import Tolerance, validate  # onnxruntime loads on first use, not on import
 
-    tol = Tolerance(atol=1e-4, rtol=1e-4)  # atol scaled by max(1, max|ref|); argmax agreement must be 100 %
+    tol = Tolerance()  # the same default as `roundtrip`; atol scaled by max(1, max|ref|); argmax agreement must be 100 %
     xs = contract.to_model(contract.to_unit(data.x[:64])).cpu().numpy()
     batches = (1, len(xs)) if len(xs) > 1 else (1,)
     try:
@@ -125,6 +130,213 @@ def _latency(path: str, example: np.ndarray, provider: str, repeats: int = 20) -
     return out
 
 
+@dataclass
+class Prepared:
+    """Stage 1's result: the converted model, the resolved contract and splits, the method and its config, and
+    the extra inputs it declared, loaded. ``inputs`` is exactly what the method receives."""
+
+    model_path: Path
+    converted: Any  # converters.Converted
+    spec: Any  # methods.MethodSpec
+    config: Any
+    contract: InputContract
+    train: ArrayDataset
+    calib: ArrayDataset | None
+    heldout: ArrayDataset
+    inputs: RepairInputs
+    protected: ProtectedSpec | None
+    timings: dict[str, float] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+
+
+def prepare(
+    model_path: str | os.PathLike,
+    method: str,
+    train: ArrayDataset,
+    *,
+    val: ArrayDataset | None = None,
+    splits: tuple[ArrayDataset, ArrayDataset | None, ArrayDataset] | None = None,
+    contract: InputContract | None = None,
+    config: Any = None,
+    options: dict[str, str] | None = None,
+    protected: str | None = None,
+    privileged: float | None = None,
+    unprivileged: float | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: Reporter = SILENT,
+) -> Prepared:
+    """Stage 1: convert the model (parsed once), resolve the input contract, check the data fits, split it into
+    train / calibration / held-out (``splits`` gives them explicitly, as the benches do), resolve the protected
+    attribute, and load the method's declared extra inputs."""
+    import converters
+    from converters.load import output_source_op
+
+    t0 = time.perf_counter()
+    spec = method_registry.get(method)
+    cfg = config if config is not None else method_registry.make_config(spec, options or {})
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    dev = pick_device(device)
+    converted = converters.convert(model_path)
+    timings = {"convert": time.perf_counter() - t0}
+    if contract is None:
+        from .data.contract import contract_from_metadata, finalize_contract, resolve_contract
+
+        contract = resolve_contract(converted.inputs[0].shape, train.x[:256], metadata=contract_from_metadata(converted.loaded.model))
+        finalize_contract(contract, train.x[:256])
+    method_registry.check_inputs(spec, contract.is_image)
+    _check_data_fits(train, converted, contract)
+    if val is not None:
+        _check_data_fits(val, converted, contract)
+    tr, calib, heldout = splits if splits is not None else split_data(train, val, seed)
+    if len(heldout) == 0 or len(tr) == 0:
+        raise DataError(f"not enough data to split into train/calibration/held-out ({len(train)} rows)")
+
+    pspec: ProtectedSpec | None = None
+    if spec.task == "fairness":
+        if not protected:
+            raise UsageError(f"method {method!r} needs --protected COLUMN")
+        from .data.tabular import resolve_protected
+
+        pspec = resolve_protected(train, protected, privileged=privileged, unprivileged=unprivileged)
+
+    gm = converted.gm
+    kind = _output_kind(gm, contract, tr, dev, output_source_op(converted.loaded.model))
+    extras = _load_extras(spec, cfg, gm, contract, tr)
+    inputs = RepairInputs(model=gm, contract=contract, train=tr, calib=calib, output_kind=kind, device=dev, seed=seed,
+                          progress=progress, protected=pspec, extras=extras)
+    return Prepared(Path(model_path), converted, spec, cfg, contract, tr, calib, heldout, inputs, pspec, timings, t0)
+
+
+def _load_extras(spec, cfg, gm, contract: InputContract, train: ArrayDataset) -> dict[str, Any]:
+    """What the method declared in ``extra_inputs``: for kind "models", the named ONNX checkpoints checked against
+    the final model and handed over as a lazily converted :class:`onnxrepair.extras.ModelSequence`."""
+    from .extras import resolve_models
+
+    out: dict[str, Any] = {}
+    for fld, kind in spec.extra_inputs:
+        value = getattr(cfg, fld, "")
+        opt = "--" + fld.replace("_", "-")
+        if not value:
+            raise UsageError(f"method {spec.name!r} needs {opt} (a directory, a glob or a comma-separated list of .onnx files)")
+        if kind == "models":
+            probe = contract.to_model(contract.to_unit(train.x[:4])).to("cpu")
+            out[fld] = resolve_models(str(value), final=gm.to("cpu").eval(), probe=probe,
+                                      order=getattr(cfg, f"{fld}_order", "natural"), what=opt)
+    return out
+
+
+def run(prep: Prepared) -> MethodOutput:
+    """Stage 2: the method, on the prepared inputs; the held-out split never reaches it."""
+    t = time.perf_counter()
+    prep.inputs.progress.log(f"[bold]repair[/] {prep.model_path.name} with {prep.spec.name} on {len(prep.train)} training rows ({prep.inputs.device.type})")
+    result = prep.spec.fn(prep.inputs, prep.config)
+    result.model.eval()
+    prep.timings["method"] = time.perf_counter() - t
+    return result
+
+
+def export(prep: Prepared, result: MethodOutput, exporter: str = "auto"):
+    """Stage 3: the repaired graph as an ONNX model shaped like the original (names, dtypes, dynamic batch, the
+    classifier tail), its input contract and the method's config in the metadata."""
+    from converters import export_like
+
+    t = time.perf_counter()
+    contract, cfg = prep.contract, prep.config
+    example = contract.to_model(contract.to_unit(prep.train.x[:2])).to("cpu")
+    meta = {
+        "onnxrepair.method": prep.spec.name,
+        "onnxrepair.config": _json(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}),
+        METADATA_KEY: contract.to_json(),
+    }
+    dev = prep.inputs.device
+    exported = export_like(prep.converted, result.model.to("cpu"), [example], extra_metadata=meta, exporter=exporter)
+    result.model.to(dev)
+    prep.timings["export"] = time.perf_counter() - t
+    return exported
+
+
+def judge(
+    prep: Prepared,
+    result: MethodOutput,
+    exported,
+    *,
+    output: str | os.PathLike,
+    max_accuracy_drop: float = 0.5,
+    force: bool = False,
+    eval_corruptions: tuple[str, ...] | None = None,
+    provider: str = "auto",
+    report_path: str | os.PathLike | None = None,
+    progress: Reporter = SILENT,
+) -> RepairResult:
+    """Stage 4: write the exported file to a temporary path, check it against the repaired graph, evaluate the
+    original and repaired *files* on the held-out split on onnxruntime, apply the retention contract, and rename
+    the file into place only when both hold (or ``force`` overrides retention). The report is written either way."""
+    from converters.export import save_model
+
+    out_path = check_output_path(output, prep.model_path)
+    if report_path is not None:
+        check_output_path(report_path, prep.model_path)
+    timings, spec, heldout, contract = prep.timings, prep.spec, prep.heldout, prep.contract
+    repaired = result.model
+    dev = prep.inputs.device
+    with atomic_path(out_path) as tmp:
+        save_model(exported.model, tmp, data_name=out_path.name + ".data")
+        t = time.perf_counter()
+        progress.log("validating the exported file against the repaired graph")
+        fidelity = _validate_export(str(tmp), repaired, prep.converted.tail, contract, heldout, dev)
+        timings["validate"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        progress.log(f"evaluating original and repaired files on {len(heldout)} held-out rows")
+        before, after = _evaluate(spec.task, str(prep.model_path), str(tmp), heldout, contract, prep.protected,
+                                  eval_corruptions or _train_corruptions(prep.config), provider, prep.inputs.seed, progress)
+        timings["evaluate"] = time.perf_counter() - t
+        lat: dict[str, Any] = {}
+        if contract.is_image:
+            x64 = contract.to_model(contract.to_unit(heldout.x[:64])).numpy()
+            lat = {"original": _latency(str(prep.model_path), x64, provider), "repaired": _latency(str(tmp), x64, provider)}
+            lat["ratio"] = {k: lat["repaired"][k] / lat["original"][k] for k in lat["original"]}
+
+        retention = retention_check(float(before["accuracy"]), float(after["accuracy"]), max_accuracy_drop, len(heldout))
+        ok = fidelity["passed"] and (retention["passed"] or force)
+        retention["forced"] = bool(force and not retention["passed"])
+        cfg = prep.config
+        res = RepairResult(
+            method=spec.name, task=spec.task, input_path=str(prep.model_path), output_path=str(out_path) if ok else None, written=ok,
+            exporter=exported.exporter, retention=retention, before=before, after=after, fidelity=fidelity, info=result.info,
+            splits={"train": len(prep.train), "calib": len(prep.calib) if prep.calib is not None else 0, "heldout": len(heldout)},
+            timings_s=timings, latency_ms=lat, output_kind=prep.inputs.output_kind,
+            provider=fidelity["reference_provider"], contract=dataclasses.asdict(contract),
+            config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}, summary=result.summarise(),
+        )
+        res.timings_s["total"] = time.perf_counter() - prep.t0
+        if report_path is not None:
+            write_json_atomic(report_path, res.to_dict())
+        if not fidelity["passed"]:
+            raise ValidationFailed(
+                f"exported model disagrees with the repaired graph ({fidelity['reason']}; max abs diff {fidelity['max_abs']:.2e}, "
+                f"needed atol {fidelity['required_atol']:.2e}, argmax agreement {fidelity['argmax_agreement']:.3f}); nothing written"
+            )
+        if not ok:
+            r = retention
+            raise ValidationFailed(
+                f"clean accuracy dropped {r['drop_points']:.2f} points on {len(heldout)} held-out rows ({r['accuracy_before']:.4f} -> "
+                f"{r['accuracy_after']:.4f}), over the --max-accuracy-drop limit of {max_accuracy_drop} points; no model written "
+                "(use --force to write it anyway)"
+            )
+    return res
+
+
+def retention_check(acc_before: float, acc_after: float, limit_points: float, rows: int) -> dict[str, Any]:
+    """The accuracy-retention contract: accuracies are fractions, the drop and its limit are *points* (0.5 = half a
+    percentage point)."""
+    drop = (acc_before - acc_after) * 100.0
+    return {"accuracy_before": acc_before, "accuracy_after": acc_after, "drop_points": drop, "limit_points": limit_points,
+            "passed": drop <= limit_points + 1e-9, "forced": False, "heldout_rows": rows}
+
+
 def repair(
     model_path: str | os.PathLike,
     method: str,
@@ -147,115 +359,23 @@ def repair(
     report_path: str | os.PathLike | None = None,
     progress: Reporter = SILENT,
 ) -> RepairResult:
-    """Repair ``model_path`` with ``method`` and write the result to ``output``.
+    """Repair ``model_path`` with ``method`` and write the result to ``output``: :func:`prepare`, :func:`run`,
+    :func:`export`, :func:`judge`.
 
     Raises :class:`ValidationFailed` (exit 1) when the exported file disagrees with the repaired graph,
     or when clean accuracy on the held-out split drops by more than ``max_accuracy_drop`` points
     (unless ``force``); no model is written then, the report still is.
     """
-    import converters
-    from converters import export_like
-    from converters.load import output_source_op
-
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    spec = method_registry.get(method)
-    out_path = check_output_path(output, model_path)
+    check_output_path(output, model_path)  # before any work: a bad output path costs nothing
     if report_path is not None:
         check_output_path(report_path, model_path)
-    cfg = config if config is not None else method_registry.make_config(spec, options or {})
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    dev = pick_device(device)
-
-    converted = converters.convert(model_path)
-    timings["convert"] = time.perf_counter() - t0
-    if contract is None:
-        from .data.contract import contract_from_metadata, finalize_contract, resolve_contract
-
-        contract = resolve_contract(converted.inputs[0].shape, train.x[:256], metadata=contract_from_metadata(converted.loaded.model))
-        finalize_contract(contract, train.x[:256])
-    method_registry.check_inputs(spec, contract.is_image)
-    _check_data_fits(train, converted, contract)
-    if val is not None:
-        _check_data_fits(val, converted, contract)
-
-    tr, calib, heldout = split_data(train, val, seed)
-    if len(heldout) == 0 or len(tr) == 0:
-        raise DataError(f"not enough data to split into train/calibration/held-out ({len(train)} rows)")
-
-    pspec: ProtectedSpec | None = None
-    if spec.task == "fairness":
-        if not protected:
-            raise UsageError(f"method {method!r} needs --protected COLUMN")
-        from .data.tabular import resolve_protected
-
-        pspec = resolve_protected(train, protected, privileged=privileged, unprivileged=unprivileged)
-
-    gm = converted.gm
-    kind = _output_kind(gm, contract, tr, dev, output_source_op(converted.loaded.model))
-    inputs = RepairInputs(model=gm, contract=contract, train=tr, calib=calib, output_kind=kind, device=dev, seed=seed, progress=progress, protected=pspec)
-
-    t = time.perf_counter()
-    progress.log(f"[bold]repair[/] {Path(model_path).name} with {method} on {len(tr)} training rows ({dev.type})")
-    result = spec.fn(inputs, cfg)
-    timings["method"] = time.perf_counter() - t
-    repaired = result.model.eval()
-
-    t = time.perf_counter()
-    example = contract.to_model(contract.to_unit(tr.x[:2])).to("cpu")
-    meta = {
-        "onnxrepair.method": method,
-        "onnxrepair.config": _json(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}),
-        METADATA_KEY: contract.to_json(),
-    }
-    exported = export_like(converted, repaired.to("cpu"), [example], extra_metadata=meta)
-    repaired.to(dev)
-    timings["export"] = time.perf_counter() - t
-
-    with atomic_path(out_path) as tmp:
-        import onnx
-
-        onnx.save_model(exported.model, str(tmp))
-        t = time.perf_counter()
-        fidelity = _validate_export(str(tmp), repaired, converted.tail, contract, heldout, dev)
-        timings["validate"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        before, after = _evaluate(spec.task, str(model_path), str(tmp), heldout, contract, pspec, eval_corruptions or _train_corruptions(cfg), provider, seed, progress)
-        timings["evaluate"] = time.perf_counter() - t
-        lat: dict[str, Any] = {}
-        if contract.is_image:
-            x64 = contract.to_model(contract.to_unit(heldout.x[:64])).numpy()
-            lat = {"original": _latency(str(model_path), x64, provider), "repaired": _latency(str(tmp), x64, provider)}
-            lat["ratio"] = {k: lat["repaired"][k] / lat["original"][k] for k in lat["original"]}
-
-        acc_b, acc_a = float(before["accuracy"]), float(after["accuracy"])
-        drop = (acc_b - acc_a) * 100.0
-        retention = {"accuracy_before": acc_b, "accuracy_after": acc_a, "drop_points": drop, "limit_points": max_accuracy_drop, "passed": drop <= max_accuracy_drop + 1e-9, "forced": False, "heldout_rows": len(heldout)}
-        ok = fidelity["passed"] and (retention["passed"] or force)
-        retention["forced"] = bool(force and not retention["passed"])
-        res = RepairResult(
-            method=method, task=spec.task, input_path=str(model_path), output_path=str(out_path) if ok else None, written=ok,
-            exporter=exported.exporter, retention=retention, before=before, after=after, fidelity=fidelity, info=result.info,
-            splits={"train": len(tr), "calib": len(calib), "heldout": len(heldout)}, timings_s=timings, latency_ms=lat, output_kind=kind,
-            provider=fidelity["reference_provider"], contract=dataclasses.asdict(contract),
-            config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {},
-        )
-        res.timings_s["total"] = time.perf_counter() - t0
-        if report_path is not None:
-            write_json_atomic(report_path, res.to_dict())
-        if not fidelity["passed"]:
-            raise ValidationFailed(
-                f"exported model disagrees with the repaired graph ({fidelity['reason']}; max abs diff {fidelity['max_abs']:.2e}, "
-                f"needed atol {fidelity['required_atol']:.2e}, argmax agreement {fidelity['argmax_agreement']:.3f}); nothing written"
-            )
-        if not ok:
-            raise ValidationFailed(
-                f"clean accuracy dropped {drop:.2f} points on {len(heldout)} held-out rows ({acc_b:.4f} -> {acc_a:.4f}), over the "
-                f"--max-accuracy-drop limit of {max_accuracy_drop} points; no model written (use --force to write it anyway)"
-            )
-    return res
+    prep = prepare(model_path, method, train, val=val, contract=contract, config=config, options=options, protected=protected,
+                   privileged=privileged, unprivileged=unprivileged, device=device, seed=seed, progress=progress)
+    result = run(prep)
+    progress.log("exporting the repaired graph to ONNX")
+    exported = export(prep, result)
+    return judge(prep, result, exported, output=output, max_accuracy_drop=max_accuracy_drop, force=force,
+                 eval_corruptions=eval_corruptions, provider=provider, report_path=report_path, progress=progress)
 
 
 def _train_corruptions(cfg: Any) -> tuple[str, ...]:

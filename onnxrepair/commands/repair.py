@@ -128,18 +128,8 @@ def print_repair_result(res) -> None:
             continue
         table.add_row(k, f"{float(b[k]):.4f}", f"{float(a[k]):.4f}", f"{float(a[k]) - float(b[k]):+.4f}")
     console.print(table)
-    info = res.info or {}
-    if "routing_calib" in info:
-        r = info["routing_calib"]
-        console.print(f"routed to the patch (calibration data): clean {100 * r.get('clean', 0):.1f}%, perturbed {100 * r.get('perturbed_mean', 0):.1f}%")
-    if "layers_patched" in info:
-        console.print(f"layers patched: {len(info['layers_patched'])}, skipped: {len(info.get('layers_skipped', []))}, parameters added: {info.get('params_added', 0):,}")
-    if "selection" in info:
-        sel = info["selection"]
-        kept = next((e for e in sel["epochs"] if e["epoch"] == sel["selected_epoch"]), {})
-        note = "" if sel["eligible"] else " (no epoch within the budget: the original weights)"
-        console.print(f"epoch kept: {sel['selected_epoch']} of {len(sel['epochs']) - 1}{note}, chosen on the {sel.get('rows', '?')} rows "
-                      f"(accuracy drop there {kept.get('accuracy_drop_points', 0.0):.2f} pts, budget {sel.get('max_drop_points', '?')})")
+    for line in res.summary:  # the method's own lines: the CLI does not know the method
+        console.print(line)
     r = res.retention
     console.print(
         f"held-out clean accuracy {100 * r['accuracy_before']:.2f}% -> {100 * r['accuracy_after']:.2f}% "

@@ -37,12 +37,31 @@ class RepairInputs:
     seed: int = 0
     progress: Reporter = SILENT
     protected: ProtectedSpec | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # declared extra inputs, loaded by the pipeline (e.g. DARE's history)
 
 
 @dataclass
 class MethodOutput:
+    """What a method returns: the repaired graph, what it learned, and how to say it in a few lines.
+
+    ``summary`` holds the method's own lines for the CLI (which layers, which gate, which epoch and why); the
+    CLI prints them without knowing the method. ``info`` goes whole into the JSON report."""
+
     model: nn.Module  # takes the original model input, returns the original outputs
     info: dict[str, Any] = field(default_factory=dict)  # layers touched, skipped (with reasons), routing, ...
+    summary: list[str] = field(default_factory=list)
+
+    def summarise(self) -> list[str]:
+        """The method's lines, else what every method reports in the same keys."""
+        if self.summary:
+            return list(self.summary)
+        lines = []
+        for key, what in (("layers_trained", "layers trained"), ("layers_patched", "layers patched")):
+            if key in self.info:
+                lines.append(f"{what}: {len(self.info[key])}")
+        if "best_epoch" in self.info:
+            lines.append(f"epoch kept: {self.info['best_epoch']} (0 = the original)")
+        return lines
 
 
 @dataclass(frozen=True)
@@ -55,14 +74,25 @@ class MethodSpec:
     needs: str  # what data it takes, for `onnxrepair methods`
     paper: str = ""
     inputs: str = "image"  # the models it repairs, by input contract: "image" | "tabular" | "any"
+    extra_inputs: tuple[tuple[str, str], ...] = ()  # (config field, kind): what the pipeline loads (onnxrepair.extras)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+EXTRA_KINDS = ("models",)  # what the pipeline can load for a method (onnxrepair.extras)
 
 
-def register(name: str, *, config: type, task: str, summary: str, needs: str, paper: str = "", inputs: str | None = None):
+def register(name: str, *, config: type, task: str, summary: str, needs: str, paper: str = "", inputs: str | None = None,
+             extra_inputs: dict[str, str] | None = None):
     """Register a method. ``inputs`` defaults by task: robustness methods repair image models (they
-    blur, corrupt or attack images), fairness methods tabular ones; the pipeline refuses other models."""
+    blur, corrupt or attack images), fairness methods tabular ones; the pipeline refuses other models.
+
+    ``extra_inputs`` maps a config field to a kind of input the pipeline loads and hands in as
+    ``RepairInputs.extras[field]`` (kinds in :mod:`onnxrepair.extras`; ``"models"``: ONNX files, converted)."""
+    for fld, kind in (extra_inputs or {}).items():
+        if kind not in EXTRA_KINDS:
+            raise ValueError(f"extra input {fld!r}: kind must be one of {EXTRA_KINDS}, not {kind!r}")
+        if fld not in {f.name for f in dataclasses.fields(config)}:
+            raise ValueError(f"extra input {fld!r} is not a field of {config.__name__}")
     if task not in ("robustness", "fairness"):
         raise ValueError(f"task must be robustness or fairness, not {task!r}")
     inputs = inputs or ("image" if task == "robustness" else "tabular")
@@ -72,7 +102,7 @@ def register(name: str, *, config: type, task: str, summary: str, needs: str, pa
     def deco(fn: Callable[[RepairInputs, Any], MethodOutput]):
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} already registered")
-        _REGISTRY[name] = MethodSpec(name, fn, config, task, summary, needs, paper, inputs)
+        _REGISTRY[name] = MethodSpec(name, fn, config, task, summary, needs, paper, inputs, tuple((extra_inputs or {}).items()))
         return fn
 
     return deco

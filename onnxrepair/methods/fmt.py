@@ -250,4 +250,22 @@ def fmt(inputs: RepairInputs, config: FMTConfig) -> MethodOutput:
     res.info["protected"] = {"column": inputs.protected.column, "index": inputs.protected.index,
                              "privileged": inputs.protected.privileged, "unprivileged": inputs.protected.unprivileged}
     res.info["labels_used"] = selector is not None  # only ever to choose the epoch
-    return MethodOutput(res.model.cpu().eval(), res.info)
+    return MethodOutput(res.model.cpu().eval(), res.info, summary=transform_summary(res.info))
+
+
+def transform_summary(info: dict[str, Any]) -> list[str]:
+    """The lines a model-transformation repair prints: cut, slice, tuning, and the epoch kept."""
+    sl, tu = info["slice"], info["tuning"]
+    lines = [f"cut at {info['cut']} {tuple(info['cut_shape'])}; slice {sl['tunable_weights']:,} of {sl['prefix_weights']:,} prefix weights "
+             f"({sl['strategy']}); {tu['steps']} steps, loss {_fmt(tu['loss_first'])} -> {_fmt(tu['loss_last'])}"]
+    if "selection" in info:
+        sel = info["selection"]
+        kept = next((e for e in sel["epochs"] if e["epoch"] == sel["selected_epoch"]), {})
+        note = "" if sel["eligible"] else " (no epoch within the budget: the original weights)"
+        lines.append(f"epoch kept: {sel['selected_epoch']} of {len(sel['epochs']) - 1}{note}, chosen on the {sel.get('rows', '?')} rows "
+                     f"(accuracy drop there {kept.get('accuracy_drop_points', 0.0):.2f} pts, budget {sel.get('max_drop_points', '?')})")
+    return lines
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
