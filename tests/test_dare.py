@@ -20,26 +20,15 @@ def _natural(paths):
     return sorted(paths, key=lambda p: int(re.findall(r"\d+", str(p).rsplit("/", 1)[-1])[-1]))
 
 
-class _Seq:
-    """The ModelSequence interface DARE reads (names, len, load) over ONNX paths, converted on demand."""
+def _seq(paths, final):
+    from onnxrepair.extras import ModelSequence
 
-    def __init__(self, paths):
-        self.paths = [str(p) for p in paths]
-        self.names = [p.rsplit("/", 1)[-1].rsplit(".", 1)[0] for p in self.paths]
-        self.skipped = []
-
-    def __len__(self):
-        return len(self.paths)
-
-    def load(self, i):
-        import converters
-
-        return converters.convert(self.paths[i]).gm.eval()
+    return ModelSequence.from_paths(paths, final=final)
 
 
-def _history(exclude_final=True):
-    paths = _natural(glob.glob(str(HISTORY / "*.onnx")))
-    return _Seq(paths[:-1] if exclude_final else paths)
+def _history(final):
+    """epoch_1..epoch_7 (epoch_8 holds the final weights; the pipeline would skip it)."""
+    return _seq(_natural(glob.glob(str(HISTORY / "*.onnx")))[:-1], final)
 
 
 # --------------------------------------------------------------------------- mining
@@ -80,21 +69,6 @@ def test_scan_indices():
     assert scan_indices(3, "all") == [0, 1, 2]
     with pytest.raises(UsageError):
         scan_indices(3, "first")
-
-
-def test_checkpoint_of_another_exporter_is_read_into_the_final_graph(one_torch_thread):
-    """epoch_3 is a dynamo export (other parameter and node names): loaded by order into the final model's graph it
-    computes what the dynamo file computes."""
-    import converters
-    from onnxrepair.methods.dare import copy_weights
-
-    final = converters.convert(FINAL).gm.eval()
-    dyn = converters.convert(HISTORY / "epoch_3.onnx").gm.eval()
-    assert [n for n, _ in final.named_parameters()] != [n for n, _ in dyn.named_parameters()]
-    x = torch.rand(4, 1, 28, 28)
-    copy_weights(final, dyn)
-    with torch.no_grad():
-        torch.testing.assert_close(final(x), dyn(x), atol=1e-5, rtol=1e-5)
 
 
 def test_default_cut_cnn_and_mlp():
@@ -187,7 +161,7 @@ def test_tuning_leaves_weights_outside_the_slice_bit_identical(one_torch_thread)
 
 
 # --------------------------------------------------------------------------- the method
-def _inputs(history):
+def _inputs(history=None):
     import converters
     from onnxrepair.data import load_dataset
     from onnxrepair.data.contract import finalize_contract, resolve_contract
@@ -200,7 +174,7 @@ def _inputs(history):
     finalize_contract(contract, ds.x[:256])
     tr, cal, _ = split_data(ds, None, 0)
     inp = RepairInputs(model=c.gm, contract=contract, train=tr, calib=cal, output_kind="logits", device=torch.device("cpu"))
-    inp.extras = {"history": history}
+    inp.extras = {"history": history(c.gm) if history else None}
     return inp
 
 
@@ -208,7 +182,7 @@ def test_method_on_history_fixture(one_torch_thread):
     from onnxrepair.methods import get, make_config
 
     spec = get("dare")
-    inp = _inputs(_history())
+    inp = _inputs(_history)
     before = {n: p.detach().clone() for n, p in inp.model.named_parameters()}
     out = spec.fn(inp, make_config(spec, {"eps": "0.1", "epochs": "4", "lrs": "1e-4,1e-3"}))
     info = out.info
@@ -216,7 +190,7 @@ def test_method_on_history_fixture(one_torch_thread):
     m = info["mining"]
     assert m["accepted"] > 0 and m["accepted"] + m["dropped"] == m["pool"]
     assert sum(m["target_epochs"].values()) == m["accepted"]
-    assert list(m["target_epochs"]) == ["epoch_4", "epoch_5", "epoch_6", "epoch_7"]  # the later half of 7 checkpoints
+    assert list(m["target_epochs"]) == ["epoch_4.onnx", "epoch_5.onnx", "epoch_6.onnx", "epoch_7.onnx"]  # the later half of 7 checkpoints
     assert info["choice"]["lr"] in (1e-4, 1e-3) and len(info["choice"]["runs"]) == 2
     assert all(torch.equal(p, before[n]) for n, p in inp.model.named_parameters())  # the input model is untouched
     assert [n for n, _ in out.model.named_parameters()] == list(before)  # same architecture
@@ -231,7 +205,7 @@ def test_no_input_accepted_is_validation_failed(one_torch_thread):
 
     spec = get("dare")
     with pytest.raises(ValidationFailed, match="no pool input was accepted"):
-        spec.fn(_inputs(_Seq([FINAL])), make_config(spec, {"scan": "all", "epochs": "1", "lrs": "1e-3"}))
+        spec.fn(_inputs(lambda gm: _seq([FINAL], gm)), make_config(spec, {"scan": "all", "epochs": "1", "lrs": "1e-3"}))
 
 
 # --------------------------------------------------------------------------- the per-attack adversarial fine-tuning peers
@@ -241,7 +215,7 @@ def test_adversarial_training_peer_per_attack(attack, name, one_torch_thread):
     from onnxrepair.methods import get, make_config
 
     spec = get("adversarial-training")
-    inp = _inputs(None)
+    inp = _inputs()
     inp.train = inp.train.limit(128, seed=0)
     inp.calib = inp.calib.limit(32, seed=0)
     out = spec.fn(inp, make_config(spec, {"attack": attack, "epochs": "1", "eps": "0.1" if attack == "fgsm" else "2",
@@ -250,3 +224,74 @@ def test_adversarial_training_peer_per_attack(attack, name, one_torch_thread):
     assert f"calib_{attack}" in out.info["history"][0]
     with pytest.raises(UsageError, match="--attack"):
         spec.fn(inp, make_config(spec, {"attack": "jsma"}))
+
+
+# --------------------------------------------------------------------------- through the pipeline and the CLI
+DATA = FIXTURES / "data" / "mnist_small.npz"
+
+
+def test_pipeline_repairs_with_the_history_fixture(tmp_path, one_torch_thread):
+    """The whole history folder (epoch_8 = the final weights, skipped; epoch_3 by the dynamo exporter) through
+    prepare -> DARE -> export -> judge: the repaired file keeps the interface and validates on onnxruntime."""
+    import onnx
+
+    from onnxrepair.data import load_dataset
+    from onnxrepair.repair import repair
+
+    out = tmp_path / "dare.onnx"
+    res = repair(FINAL, "dare", load_dataset(str(DATA)).limit(500, seed=0), output=out, max_accuracy_drop=100.0,
+                 options={"history": str(HISTORY), "eps": "0.1", "epochs": "2", "lrs": "1e-3"})
+    assert res.written and out.exists() and res.fidelity["passed"]
+    assert res.info["history"]["skipped"] == [{"checkpoint": "epoch_8.onnx", "reason": "same weights as the final model"}]
+    assert "epoch_3.onnx" in res.info["history"]["checkpoints"]
+    assert res.info["mining"]["accepted"] > 0 and any("accepted" in line for line in res.summary)
+    a, b = onnx.load(str(FINAL)), onnx.load(str(out))
+    sig = lambda m: [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in (*m.graph.input, *m.graph.output)]
+    assert sig(a) == sig(b)
+
+
+def _softened(tmp_path):
+    """A checkpoint that is the final model with its logits halved: never more confident in the true class where the
+    final model is right, and predicting the same (wrong) class where it is wrong, so no input is ever accepted."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(FINAL))
+    for init in m.graph.initializer:
+        if init.name.startswith("fc"):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 0.5, init.name))
+    path = tmp_path / "softened_1.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+def _cli(tmp_path, history, *extra):
+    from onnxrepair.cli import main
+
+    out = tmp_path / "out.onnx"
+    rc = main(["repair", str(FINAL), "--method", "dare", "--data", str(DATA), "-o", str(out), "--history", str(history),
+               "--epochs", "1", "--lrs", "1e-3", *extra])
+    return rc, out
+
+
+def test_cli_bad_histories(tmp_path, capsys, one_torch_thread):
+    rc, out = _cli(tmp_path, tmp_path / "nothing_*.onnx")
+    assert rc == 2 and not out.exists()
+    assert "names no .onnx file" in capsys.readouterr().err
+
+    bad = tmp_path / "hist"
+    bad.mkdir()
+    (bad / "epoch_1.onnx").write_bytes((HISTORY / "epoch_1.onnx").read_bytes())
+    (bad / "epoch_2.onnx").write_bytes(b"this is not a protobuf")
+    rc, out = _cli(tmp_path, bad)
+    assert rc == 3 and not out.exists()
+    assert "epoch_2.onnx" in capsys.readouterr().err
+
+    rc, out = _cli(tmp_path, f"{HISTORY / 'epoch_1.onnx'},{fixture_path('torch_lenet_legacy11')}")
+    assert rc == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "torch_lenet_legacy11.onnx" in err and "architecture" in err
+
+    rc, out = _cli(tmp_path, _softened(tmp_path), "--scan", "all")
+    assert rc == 1 and not out.exists()
+    assert "no pool input was accepted" in capsys.readouterr().err

@@ -11,9 +11,10 @@ first as "Toward Improving the Robustness of Deep Learning Models via Model Tran
   and, when the final model is wrong, it predicts the true class; the running best becomes that probability and
   the target becomes checkpoint k's activation at the cut. Because an accepted checkpoint must beat the running best,
   the *last* accepted checkpoint (the artefact) is also the *most confident* one (the issue's wording): the two
-  rules coincide and no choice is needed. Inputs never accepted are dropped. Checkpoints are loaded one at a time
-  into one copy of the final model's graph (so a checkpoint by another exporter, with other node names, is read
-  with the final model's structure), and activations are computed only for the inputs a checkpoint wins.
+  rules coincide and no choice is needed. Inputs never accepted are dropped. The history is the pipeline's
+  :class:`onnxrepair.extras.ModelSequence`: one checkpoint converted at a time, as the final model's graph holding
+  its weights, so the cut node means the same in every checkpoint whatever exported it; activations are computed
+  only for the inputs a checkpoint wins.
 * **Slice** (:class:`NNSlicerSlice`, :func:`onnxrepair.localize.slices.class_contributions`): per class c, on up to
   ``slice_samples`` pool inputs of class c (all classes get the same cap, drawn at random with the seed — the artefact
   used one sample per class), the contribution of each synapse of every Linear and groups-1 Conv2d of the prefix to
@@ -45,7 +46,7 @@ from torch import fx, nn
 
 from ..data.contract import InputContract, ModelWithContract
 from ..errors import UsageError, ValidationFailed
-from ..graph import linear_layers, resolve_node
+from ..graph import linear_layers, resolve_node, split_at
 from ..localize.slices import class_contributions, merge_class_slices, sliceable_layers, synapse_mask
 from ..nn import first_output
 from ..perturb.attacks import make_attack
@@ -58,7 +59,8 @@ PAPER = ("Zhang et al., A Post-Training Framework for Improving the Performance 
 
 
 class Checkpoints(Protocol):
-    """What DARE reads from a training history (``onnxrepair.extras.ModelSequence`` has it)."""
+    """What DARE reads from a training history: :class:`onnxrepair.extras.ModelSequence`, whose ``load(i)`` is the
+    final model's graph holding checkpoint i's weights."""
 
     names: list[str]
 
@@ -92,25 +94,6 @@ def default_cut(gm: fx.GraphModule, example: torch.Tensor) -> str:
 
 
 # --------------------------------------------------------------------------- mining
-def copy_weights(dst: nn.Module, src: nn.Module, what: str = "checkpoint") -> None:
-    """Copy ``src``'s parameters and buffers into ``dst``: by name when the names agree, else in order (another
-    exporter names the same layers differently); shapes must agree either way."""
-    d = list(dst.named_parameters()) + list(dst.named_buffers())
-    s = list(src.named_parameters()) + list(src.named_buffers())
-    if [n for n, _ in d] == [n for n, _ in s] or {n for n, _ in d} == {n for n, _ in s}:
-        sd = dict(s)
-        pairs = [(t, sd[n], n) for n, t in d]
-    else:
-        if len(d) != len(s):
-            raise UsageError(f"{what} has {len(s)} parameter tensors, the final model {len(d)}")
-        pairs = [(t, st, n) for (n, t), (_, st) in zip(d, s)]
-    with torch.no_grad():
-        for t, st, n in pairs:
-            if t.shape != st.shape:
-                raise UsageError(f"{what}: parameter {n} has shape {tuple(st.shape)}, the final model {tuple(t.shape)}")
-            t.copy_(st.to(t.device, t.dtype))
-
-
 def scan_indices(n: int, scan: str) -> list[int]:
     """Checkpoint indices scanned, in epoch order: the later half (the artefact) or all."""
     if scan == "later-half":
@@ -164,23 +147,18 @@ def _activations(prefix: nn.Module, x: torch.Tensor, batch_size: int = 512) -> t
 
 def mine(ctx: TransformContext, history: Checkpoints, scan: str) -> tuple[MiningState, list[int], dict[str, Any]]:
     """Run the mining over ``history`` for ``ctx.x_train`` / ``ctx.y_train`` (module doc). The final model's weights
-    are never changed: checkpoints are loaded into a private copy."""
+    are never changed: each checkpoint is its own graph, loaded and dropped in turn."""
     x, y = ctx.x_train, ctx.y_train.to(ctx.device)
     model, kind = ctx.split.model, ctx.output_kind
     p = _probs(model, x, kind)
     state = MiningState.start(p.gather(1, y[:, None])[:, 0], p.argmax(1) == y)
-    # one private copy of the classifier; each checkpoint's weights are loaded into it in turn
-    from ..graph import split_at
-
-    work = copy.deepcopy(model).eval()
-    wsplit = split_at(work, ctx.split.cut)
     order = scan_indices(len(history), scan)
-    for k in order:
-        ckpt = history.load(k)
-        copy_weights(work, ckpt, f"checkpoint {history.names[k]}")
-        del ckpt
-        pk = _probs(work, x, kind)
-        state.step(k, pk.gather(1, y[:, None])[:, 0], pk.argmax(1) == y, lambda idx: _activations(wsplit.prefix, x[idx]))
+    for k in order:  # one checkpoint in memory at a time
+        ckpt = history.load(k).to(ctx.device).eval()  # the final graph holding checkpoint k's weights
+        prefix = split_at(ckpt, ctx.split.cut).prefix
+        pk = _probs(ckpt, x, kind)
+        state.step(k, pk.gather(1, y[:, None])[:, 0], pk.argmax(1) == y, lambda idx: _activations(prefix, x[idx]))
+        del ckpt, prefix
     return state, order, {"scanned": [history.names[k] for k in order]}
 
 
@@ -305,15 +283,11 @@ class DareConfig:
 
 _SPEC = dict(config=DareConfig, task="robustness", needs="labelled images (the pool to mine) + --history checkpoints",
              paper=PAPER, summary="DARE: tune a sliced prefix toward activations mined from the training history")
-try:
-    _register = register("dare", extra_inputs={"history": "models"}, **_SPEC)
-except TypeError:  # the pipeline's history input is not on this branch yet; the method reads inputs.extras either way
-    _register = register("dare", **_SPEC)
 
 
-@_register
+@register("dare", extra_inputs={"history": "models"}, **_SPEC)
 def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
-    history = getattr(inputs, "extras", {}).get("history")
+    history = inputs.extras.get("history")
     if history is None:
         raise UsageError("dare needs the model's training history: --history DIR|GLOB|A.onnx,B.onnx")
     if len(history) == 0:
@@ -358,5 +332,16 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
                             f"accuracy at eps {cfg.eps:.4g}) / 2, clean drop <= {cfg.select_max_drop} points",
                       "lr": lr, "epoch": chosen, "steps": chosen * n_batches, "batch_size": cfg.batch_size, "runs": runs}
     info["mining"] = {k: info["targets"][k] for k in ("pool", "accepted", "dropped", "target_epochs")}
+    info["history"] = {"checkpoints": list(history.names), "skipped": list(getattr(history, "skipped", []))}
     info["params_added"] = 0
-    return MethodOutput(res.model.cpu().eval(), info)
+    m, sl = info["mining"], info["slice"]
+    summary = [
+        f"history: {len(history)} checkpoints, scanned {len(info['targets']['scanned'])} ({cfg.scan})"
+        + "".join(f"; skipped {s['checkpoint']} ({s['reason']})" for s in info["history"]["skipped"]),
+        f"mined {m['pool']} pool inputs: {m['accepted']} accepted, {m['dropped']} dropped; targets from "
+        + ", ".join(f"{k} {v}" for k, v in m["target_epochs"].items() if v),
+        f"cut at {info['cut']} {tuple(info['cut_shape'])}; slice {sl['tunable_weights']}/{sl['prefix_weights']} prefix weights",
+        f"lr {lr:g}, {info['choice']['steps']} steps (epoch {chosen} of {cfg.epochs}) chosen on {len(val)} validation images"
+        + (" — the original weights kept" if chosen == 0 else ""),
+    ]
+    return MethodOutput(res.model.cpu().eval(), info, summary)
