@@ -194,7 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-pgd-steps", type=int, default=5)
     ap.add_argument("--peer-cw-steps", type=int, default=10)
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--summarise", type=Path, default=None, help="print the table of a (partial) result JSON and exit")
     args = ap.parse_args(argv)
+    if args.summarise is not None:
+        done = json.loads(args.summarise.read_text())
+        txt, verdict = table(aggregate(done["per_seed"]))
+        print("# " + done["command"] + f"  (seeds done: {done.get('seeds_done', done.get('seeds'))})")
+        print(txt)
+        print(json.dumps(verdict))
+        return 0
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = set(args.methods) - set(METHODS)
     if unknown:
