@@ -63,6 +63,7 @@ def repair_cmd(
     provider: str = typer.Option("auto", "--provider", help="onnxruntime provider for evaluation: auto, cpu, cuda."),
     device: str = typer.Option("auto", "--device", help="torch device for tuning: auto, cpu, cuda."),
     seed: int = typer.Option(0, "--seed"),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset of the repaired file (default: the original's where an exporter writes it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON to stdout instead of a table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     layout: Optional[str] = _options.LAYOUT,
@@ -85,7 +86,7 @@ def repair_cmd(
         model, method, train, output=output, val=val_ds, contract=contract, config=cfg,
         max_accuracy_drop=max_accuracy_drop, force=force, protected=protected, privileged=privileged, unprivileged=unprivileged,
         eval_corruptions=tuple(s for s in eval_corruptions.split(",") if s) if eval_corruptions else None,
-        provider=provider, device=device, seed=seed, report_path=report, progress=Reporter(enabled=not quiet),
+        provider=provider, device=device, seed=seed, report_path=report, progress=Reporter(enabled=not quiet), opset=opset,
     )
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
@@ -135,6 +136,10 @@ def print_repair_result(res) -> None:
         f"held-out clean accuracy {100 * r['accuracy_before']:.2f}% -> {100 * r['accuracy_after']:.2f}% "
         f"(drop {r['drop_points']:.2f} pts, limit {r['limit_points']}); fidelity max abs diff {res.fidelity['max_abs']:.1e}; exporter {res.exporter}"
     )
+    ex = res.export or {}
+    if ex:
+        console.print(f"exported at opset {ex.get('opset')} (source {ex.get('source_opset')}); nodes {ex['nodes']['exported']} -> "
+                      f"{ex['nodes']['simplified']} after {ex.get('simplified_with') or 'no optimizer'}")
     if res.latency_ms:
         lr = res.latency_ms["ratio"]
         console.print("latency repaired/original on onnxruntime: " + ", ".join(f"{k} {v:.2f}x" for k, v in lr.items()))
