@@ -98,7 +98,8 @@ def random_inputs(specs, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
     for s in specs:
-        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(s.shape)]
+        # the first dimension is the batch even where the model fixes it: Session.run feeds a fixed batch in chunks
+        shape = [batch if i == 0 else (d if isinstance(d, int) and d > 0 else 1) for i, d in enumerate(s.shape)]
         dt = s.dtype if s.dtype is not None else np.dtype(np.float32)
         if np.issubdtype(dt, np.floating):
             feeds[s.name] = rng.random(shape).astype(dt)
