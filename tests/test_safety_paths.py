@@ -158,3 +158,30 @@ def test_argmax_flip_inside_numeric_tolerance_fails_validation(tmp_path, capsys)
     assert capsys.readouterr().out.rstrip().endswith("FAILED")
     # the same models agree when no row is near a tie
     assert validate(ref, cand, inputs=np.tile([[0.9, 0.1]], (8, 1)).astype(np.float32), provider="cpu").passed
+
+
+def _one_column_model(path, delta: float, sigmoid: bool) -> str:
+    """A binary classifier with one output column: x + delta, through a Sigmoid when ``sigmoid``."""
+    nodes = [helper.make_node("Add", ["x", "d"], ["z" if sigmoid else "score"])]
+    if sigmoid:
+        nodes.append(helper.make_node("Sigmoid", ["z"], ["score"]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1])],
+                          [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["n", 1])],
+                          [numpy_helper.from_array(np.array([delta], dtype=np.float32), "d")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("sigmoid", [False, True], ids=["logit", "sigmoid"])
+def test_class_flip_of_a_single_column_inside_tolerance_fails_validation(tmp_path, sigmoid):
+    """One column has no argmax: the decision (logit > 0, probability > 0.5) must agree instead."""
+    ref = _one_column_model(tmp_path / "ref.onnx", 0.0, sigmoid)
+    cand = _one_column_model(tmp_path / "cand.onnx", 2e-6, sigmoid)
+    x = np.full((8, 1), -1e-6, dtype=np.float32)  # at the boundary: ref says class 0, cand class 1
+    x[4:] = 3.0  # rows far from it agree
+    res = validate(ref, cand, inputs=x, batches=(8,), provider="cpu")
+    assert all(c.mismatches == 0 for c in res.comparisons), "the numbers are inside the tolerance"
+    assert res.passed is False and res.worst["argmax_agreement"] == pytest.approx(0.5)
+    assert validate(ref, cand, inputs=np.full((8, 1), 3.0, dtype=np.float32), provider="cpu").passed
