@@ -38,9 +38,8 @@ import copy
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import fx, nn
 
