@@ -98,6 +98,18 @@ def pgd_accuracy(res: RepairResult, heldout: ArrayDataset) -> tuple[dict, dict]:
     return {"pgd": b}, {"pgd": a}
 
 
+def fgsm_accuracy(res: RepairResult, heldout: ArrayDataset) -> tuple[dict, dict]:
+    """FGSM (L∞, 0.1) accuracy of both files on the held-out images, each attacked on its own graph."""
+    from onnxrepair.evaluate import evaluate_models
+
+    from onnxrepair.data.contract import InputContract
+
+    rep = evaluate_models([res.input_path, res.output_path], heldout, InputContract(**res.contract), blur=False, attacks=["fgsm"], eps=[0.1],
+                          provider="cpu", device="cpu", seed=0)
+    b, a = (next(iter(m.adversarial["fgsm"].values())) for m in rep.models)
+    return {"fgsm": b}, {"fgsm": a}
+
+
 LENET = "torch_lenet_legacy11"
 ROBUST = (Claim("robustness", "higher", 0.02),)  # DeepPatch's robustness accuracy: clean + 6 blurred copies
 
@@ -129,6 +141,12 @@ CASES: dict[str, Case] = {
     "adversarial-training": Case(
         LENET, mnist_1000, {"epochs": "1", "steps": "3", "step_size": "0.0157"}, (Claim("pgd", "higher", 0.02),),
         measure=pgd_accuracy, measured="PGD accuracy (8/255, 5 steps) 0.785 -> 0.830 (+4.5 pts), clean within 0.5 pts", slow=True,
+    ),
+    "dare": Case(
+        # the history fixture's last epoch is worse than epoch 7: what DARE mines (fixtures/make_history_fixtures.py)
+        "torch_cnn_history_final_legacy17", mnist_1000, {"history": str(FIXTURES / "models" / "history"), "eps": "0.1"},
+        (Claim("fgsm", "higher", 0.01),), measure=fgsm_accuracy,
+        measured="FGSM accuracy (0.1, white-box) 0.290 -> 0.310 (+2 pts), clean 0.690 -> 0.705", slow=True,
     ),
     "fmt": Case(
         "adult_mlp", adult_sex, {"epochs": "10", "n_pairs": "2000"},

@@ -16,6 +16,10 @@ to Adversarial Attacks", ICLR 2018.
   restores the train/eval mode, and never touches parameter gradients.
 * Checkpoint choice on calibration data: clean accuracy + PGD accuracy (same attack, fixed seed) on a
   ``calib_attack_size`` subset.
+* ``attack`` (``pgd`` by default, everything above) also takes ``fgsm`` (one signed step of ``eps``: Goodfellow et
+  al.'s FGSM adversarial training) and ``cw`` (CW-L2 of :class:`onnxrepair.perturb.attacks.CW`: ``eps`` is then an
+  L2 budget, 0 = unbounded, and ``steps`` its Adam iterations) — the "adversarial fine-tuning on each attack's
+  examples" peers of DARE (Zhang et al., ASE 2022 / TOSEM 2023). Crafting and checkpoint choice use that attack.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from ..data.contract import ModelWithContract
 from ..nn import first_output, log_probs
-from ..perturb.attacks import PGD
+from ..perturb.attacks import CW, FGSM, PGD
 from ..train import SGDSettings, accuracy, fit_all_weights, peer_info, require_labelled_images, split_calib, trainable_copy
 from . import MethodOutput, RepairInputs, register
 
@@ -42,6 +46,7 @@ class AdversarialTrainingConfig(SGDSettings):
     step_size: float = 2 / 255
     clean_weight: float = 0.5  # loss = w·CE(clean) + (1-w)·CE(adversarial); 0 is Madry's pure objective
     calib_attack_size: int = 256  # calib images attacked for the checkpoint choice
+    attack: str = "pgd"  # pgd (Madry) | fgsm | cw (eps = L2 budget, 0 unbounded; steps = its iterations)
 
 
 
@@ -51,6 +56,8 @@ def adversarial_training(inputs: RepairInputs, cfg: AdversarialTrainingConfig) -
     require_labelled_images(inputs.train, inputs.contract, "adversarial-training")
     if cfg.eps < 0 or cfg.steps < 1 or cfg.step_size <= 0:
         raise UsageError("adversarial-training needs --eps >= 0, --steps >= 1 and --step-size > 0")
+    if cfg.attack not in ("pgd", "fgsm", "cw"):
+        raise UsageError(f"--attack must be pgd, fgsm or cw, not {cfg.attack!r}")
     if not 0.0 <= cfg.clean_weight <= 1.0:
         raise UsageError("--clean-weight must be in [0, 1]")
     dev, contract, kind = inputs.device, inputs.contract, inputs.output_kind
@@ -65,6 +72,10 @@ def adversarial_training(inputs: RepairInputs, cfg: AdversarialTrainingConfig) -
     wrapped = ModelWithContract(model, contract)
 
     def attack(unit: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+        if cfg.attack == "fgsm":
+            return FGSM(wrapped, cfg.eps, seed=seed, output_kind=kind)(unit, y)
+        if cfg.attack == "cw":
+            return CW(wrapped, cfg.eps, steps=cfg.steps, seed=seed, output_kind=kind)(unit, y)
         return PGD(wrapped, cfg.eps, steps=cfg.steps, alpha=cfg.step_size, seed=seed, output_kind=kind)(unit, y)
 
     def batch_loss(unit: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
@@ -80,13 +91,13 @@ def adversarial_training(inputs: RepairInputs, cfg: AdversarialTrainingConfig) -
         clean = accuracy(model, calib_clean, calib_y)
         adv = torch.cat([attack(sub_unit[i : i + 256], sub_y[i : i + 256], inputs.seed + i) for i in range(0, len(sub_y), 256)])
         rob = accuracy(model, contract.to_model(adv), sub_y)
-        return {"calib_clean": clean, "calib_pgd": rob, "mixed": (clean + rob) / 2}
+        return {"calib_clean": clean, f"calib_{cfg.attack}": rob, "mixed": (clean + rob) / 2}
 
     best_epoch, history = fit_all_weights(
         model, params, train, batch_loss, score, contract=contract, device=dev, seed=inputs.seed,
         progress=inputs.progress, **cfg.sgd_kwargs(),
     )
-    info = peer_info(names, params, best_epoch, history, "calib_pgd", attack={
-        "name": "pgd-linf", "eps": cfg.eps, "steps": cfg.steps, "step_size": cfg.step_size,
+    info = peer_info(names, params, best_epoch, history, f"calib_{cfg.attack}", attack={
+        "name": {"pgd": "pgd-linf", "fgsm": "fgsm", "cw": "cw-l2"}[cfg.attack], "eps": cfg.eps, "steps": cfg.steps, "step_size": cfg.step_size,
         "clean_weight": cfg.clean_weight, "calib_attacked": len(sub_y)})
     return MethodOutput(model=model, info=info)

@@ -1,0 +1,248 @@
+"""DARE vs adversarial fine-tuning per attack vs plain fine-tuning, both attack protocols, measured on onnxruntime.
+
+    .venv/bin/python bench/dare.py --data-dir ../shared/datasets [--dataset mnist|cifar10] [--seeds 0,1,2]
+
+The model and its training history come from :mod:`bench.dare_history` (trained once, reused from ``--work``;
+``--retrain`` trains again): the model trains on half the images, the other half is the *pool* every method gets.
+For each seed, the pool is split into the methods' training rows (90 %) and calibration rows (10 %), and every
+method runs through the pipeline's own stages (prepare -> run -> export), as ``onnxrepair repair`` would:
+
+* ``dare`` — ``--history <work>/history`` (the later half of the epochs mined), its lr/steps chosen on the calibration rows;
+* ``adv-ft-fgsm``, ``adv-ft-pgd``, ``adv-ft-cw`` — ``adversarial-training --attack ...``: full fine-tuning on each
+  attack's examples crafted on the fly (the paper's peers: adversarial fine-tuning on each attack's examples);
+* ``finetune`` — plain fine-tuning of all weights on the clean pool (``--perturb-prob 0``).
+
+Each exported file is scored on onnxruntime (CPU) on ``--n-eval`` test images:
+
+* clean accuracy;
+* **transfer** (the paper's protocol): FGSM, PGD-L∞ and CW-L2 examples crafted once per seed on the ORIGINAL model,
+  the same images scored on every model;
+* **white-box**: each attack crafted on each model's own graph (the repaired torch graph the file was exported from),
+  scored on its file — what an attacker with the file does;
+* repair wall time (prepare + method, so DARE's checkpoint conversion is counted).
+
+Cells are mean ± std over seeds. The seeds vary the pool split, the methods' shuffling and the attacks' random
+starts; the model and its history are trained once (training 3 histories did not fit the time on a shared CPU).
+The paper's targets: DARE's clean-accuracy change >= 0, and DARE the best mean in >= 60 % of transfer cells.
+Prints the table and the reproduce command, writes ``bench/results/dare.json`` and ``dare.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from dare_history import CONTRACTS, make_history  # noqa: E402
+from deeppatch import ort_accuracy, session  # noqa: E402
+from onnxrepair import repair as stages  # noqa: E402
+from onnxrepair.data.contract import InputContract, ModelWithContract  # noqa: E402
+from onnxrepair.data.dataset import ArrayDataset  # noqa: E402
+from onnxrepair.methods import get, make_config  # noqa: E402
+from onnxrepair.perturb.attacks import CW, FGSM, PGD  # noqa: E402
+
+ATTACKS = ("fgsm", "pgd", "cw")
+METHODS = ("dare", "adv-ft-fgsm", "adv-ft-pgd", "adv-ft-cw", "finetune")
+BUDGETS = {  # L∞ eps for FGSM / PGD (pixel units), L2 eps for CW
+    "mnist": {"linf": 0.1, "l2": 1.5},
+    "cifar10": {"linf": 8 / 255, "l2": 0.5},
+}
+
+
+def attack(name: str, model: torch.nn.Module, contract: InputContract, budget: dict, seed: int, args):
+    wrapped = ModelWithContract(model, contract)
+    if name == "fgsm":
+        return FGSM(wrapped, budget["linf"], seed=seed)
+    if name == "pgd":
+        return PGD(wrapped, budget["linf"], steps=args.pgd_steps, alpha=budget["linf"] / 4, seed=seed)
+    return CW(wrapped, budget["l2"], steps=args.cw_steps, seed=seed)
+
+
+def craft(name: str, model, contract, budget, seed, unit: torch.Tensor, y: torch.Tensor, args) -> np.ndarray:
+    atk = attack(name, model, contract, budget, seed, args)
+    adv = torch.cat([atk(unit[i : i + 128], y[i : i + 128]) for i in range(0, len(y), 128)])
+    return contract.to_model(adv).numpy()
+
+
+def method_options(method: str, args, budget: dict, history: Path) -> tuple[str, dict[str, str]]:
+    """(registered method, its options) for a bench row."""
+    if method == "dare":
+        return "dare", {"history": str(history), "eps": str(budget["linf"]), "epochs": str(args.dare_epochs),
+                        "select_size": "256", "lrs": args.dare_lrs}
+    if method == "finetune":
+        return "finetune", {"epochs": str(args.epochs), "batch_size": "64", "perturb_prob": "0"}
+    atk = method.rsplit("-", 1)[1]
+    opts = {"attack": atk, "epochs": str(args.epochs), "batch_size": "64", "calib_attack_size": "128"}
+    if atk == "cw":
+        opts.update(eps=str(budget["l2"]), steps=str(args.peer_cw_steps))
+    else:
+        opts.update(eps=str(budget["linf"]), steps=str(args.peer_pgd_steps), step_size=str(budget["linf"] / 4))
+    return "adversarial-training", opts
+
+
+def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, contract: InputContract, args) -> dict:
+    import converters
+
+    budget = BUDGETS[args.dataset]
+    final = work / "final.onnx"
+    train, calib = pool.split(0.1, seed=seed)
+    unit = contract.to_unit(test.x)
+    y = torch.as_tensor(test.y)
+    x_clean = contract.to_model(unit).numpy()
+    original = converters.convert(final).gm.eval()
+    transfer = {a: craft(a, original, contract, budget, seed, unit, y, args) for a in ATTACKS}  # crafted once, on the original
+    rows: dict[str, dict] = {}
+
+    def score(name: str, path: Path, model, repair_s: float, info: dict | None = None) -> None:
+        sess = session(path)
+        row = {"clean": ort_accuracy(sess, x_clean, test.y), "repair_s": repair_s,
+               "transfer": {a: ort_accuracy(sess, transfer[a], test.y) for a in ATTACKS},
+               "whitebox": {a: (ort_accuracy(sess, transfer[a], test.y) if name == "original"
+                                else ort_accuracy(sess, craft(a, model, contract, budget, seed, unit, y, args), test.y)) for a in ATTACKS}}
+        if info is not None:
+            row["info"] = info
+        rows[name] = row
+        print(f"[seed {seed}] {name}: clean {row['clean']:.3f} transfer " + " ".join(f"{a} {row['transfer'][a]:.3f}" for a in ATTACKS)
+              + " white-box " + " ".join(f"{a} {row['whitebox'][a]:.3f}" for a in ATTACKS) + f" ({repair_s:.0f} s)", file=sys.stderr)
+
+    score("original", final, original, 0.0)
+    for method in args.methods:
+        name, opts = method_options(method, args, budget, work / "history")
+        cfg = make_config(get(name), opts)
+        t = time.perf_counter()
+        prep = stages.prepare(final, name, train, splits=(train, calib, test), contract=contract, config=cfg, device="cpu", seed=seed)
+        out = stages.run(prep)
+        repair_s = time.perf_counter() - t
+        exported = stages.export(prep, out, exporter="legacy")
+        path = work / f"seed{seed}_{method}.onnx"
+        onnx.save(exported.model, str(path))
+        keep = ("cut", "cut_shape", "mining", "choice", "slice", "history", "best_epoch", "attack")
+        info = {k: v for k, v in out.info.items() if k in keep}
+        if "choice" in info:
+            info["choice"] = {k: v for k, v in info["choice"].items() if k != "runs"}
+        score(method, path, out.model.eval(), repair_s, info)
+    return rows
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    names = list(per_seed[0])
+    out = {}
+    for n in names:
+        def ms(get):
+            v = np.array([get(r[n]) for r in per_seed], dtype=float)
+            return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+        out[n] = {"clean": ms(lambda r: r["clean"]), "repair_s": ms(lambda r: r["repair_s"]),
+                  "transfer": {a: ms(lambda r, a=a: r["transfer"][a]) for a in ATTACKS},
+                  "whitebox": {a: ms(lambda r, a=a: r["whitebox"][a]) for a in ATTACKS}}
+    return out
+
+
+def table(agg: dict) -> tuple[str, dict]:
+    methods = [m for m in agg if m != "original"]
+    best = {p: {a: max(methods, key=lambda m: agg[m][p][a]["mean"]) for a in ATTACKS} for p in ("transfer", "whitebox")}
+    cell = lambda d: f"{100 * d['mean']:5.1f} ± {100 * d['std']:4.1f}"
+    head = f"| {'model':12s} | {'clean %':13s} | " + " | ".join(f"{p[:5]} {a:4s} %{'':4s}" for p in ("transfer", "whitebox") for a in ATTACKS) + " | repair s |"
+    lines = [head, "|" + "---|" * (len(ATTACKS) * 2 + 3)]
+    for m in agg:
+        parts = [cell(agg[m]["clean"])]
+        for p in ("transfer", "whitebox"):
+            for a in ATTACKS:
+                mark = "*" if m != "original" and best[p][a] == m else " "
+                parts.append(cell(agg[m][p][a]) + mark)
+        lines.append(f"| {m:12s} | " + " | ".join(parts) + f" | {agg[m]['repair_s']['mean']:8.1f} |")
+    base = agg["original"]["clean"]["mean"]
+    verdict = {
+        "dare_clean_change_points": 100 * (agg["dare"]["clean"]["mean"] - base) if "dare" in agg else None,
+        "dare_best_transfer_cells": sum(best["transfer"][a] == "dare" for a in ATTACKS),
+        "dare_best_whitebox_cells": sum(best["whitebox"][a] == "dare" for a in ATTACKS),
+        "cells_per_protocol": len(ATTACKS),
+        "clean_change_points": {m: 100 * (agg[m]["clean"]["mean"] - base) for m in methods},
+    }
+    verdict["target_clean_change_ge_0"] = verdict["dare_clean_change_points"] is not None and verdict["dare_clean_change_points"] >= 0
+    verdict["target_best_in_60pct_transfer_cells"] = verdict["dare_best_transfer_cells"] >= 0.6 * len(ATTACKS)
+    lines.append("* = best mean among the repairs in that column")
+    return "\n".join(lines), verdict
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "dare")
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/dare_<dataset>.json")
+    ap.add_argument("--dataset", choices=sorted(CONTRACTS), default="cifar10")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--n-train", type=int, default=1000, help="images the model trains on; the pool gets as many")
+    ap.add_argument("--history-epochs", type=int, default=8)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--n-eval", type=int, default=300, help="test images scored (clean and attacked)")
+    ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every peer")
+    ap.add_argument("--dare-epochs", type=int, default=10)
+    ap.add_argument("--dare-lrs", default="1e-5,1e-4,1e-3")
+    ap.add_argument("--pgd-steps", type=int, default=10, help="evaluation PGD steps")
+    ap.add_argument("--cw-steps", type=int, default=30, help="evaluation CW steps")
+    ap.add_argument("--peer-pgd-steps", type=int, default=5)
+    ap.add_argument("--peer-cw-steps", type=int, default=10)
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--summarise", type=Path, default=None, help="print the table of a (partial) result JSON and exit")
+    args = ap.parse_args(argv)
+    if args.summarise is not None:
+        done = json.loads(args.summarise.read_text())
+        txt, verdict = table(aggregate(done["per_seed"]))
+        print("# " + done["command"] + f"  (seeds done: {done.get('seeds_done', done.get('seeds'))})")
+        print(txt)
+        print(json.dumps(verdict))
+        return 0
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    t0 = time.perf_counter()
+    work = args.work / args.dataset
+    if args.retrain or not (work / "final.onnx").exists():
+        make_history(args.dataset, args.data_dir, args.work, n_train=args.n_train, n_test=max(args.n_eval, 1000),
+                     epochs=args.history_epochs, width=args.width, lr=2e-3, seed=0)
+    hist = json.loads((work / "history.json").read_text())
+    d = np.load(work / "data.npz")
+    contract = CONTRACTS[args.dataset]
+    pool = ArrayDataset(x=d["pool_x"], y=d["pool_y"], name=f"{args.dataset}-pool")
+    test = ArrayDataset(x=d["test_x"], y=d["test_y"], name=f"{args.dataset}-test").limit(args.n_eval, seed=0)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    cmd = ".venv/bin/python " + " ".join(["bench/dare.py", *(argv if argv is not None else sys.argv[1:])])
+    out = args.out or ROOT / "bench" / "results" / f"dare_{args.dataset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    per_seed = []
+    for s in seeds:
+        per_seed.append(run_seed(s, work, pool, test, contract, args))
+        partial = out.with_name(out.stem + ".partial.json")  # what is done so far, if a run is cut short
+        partial.write_text(json.dumps({"command": cmd, "seeds_done": seeds[: len(per_seed)], "per_seed": per_seed}, indent=1, default=float))
+    agg = aggregate(per_seed)
+    txt, verdict = table(agg)
+    print("# " + cmd)
+    print(f"# {args.dataset}: model trained on {hist['train']} images for {len(hist['epochs'])} epochs, pool {hist['pool']}, "
+          f"{len(test)} test images, seeds {seeds}; eps Linf {BUDGETS[args.dataset]['linf']:.4g}, CW L2 {BUDGETS[args.dataset]['l2']}")
+    print(txt)
+    print(json.dumps(verdict))
+    payload = {"command": cmd, "dataset": args.dataset, "history": hist, "seeds": seeds, "budgets": BUDGETS[args.dataset],
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "total_s": time.perf_counter() - t0}
+    out.write_text(json.dumps(payload, indent=1, default=float))
+    out.with_suffix(".txt").write_text("# " + cmd + "\n" + txt + "\n" + json.dumps(verdict) + "\n")
+    out.with_name(out.stem + ".partial.json").unlink(missing_ok=True)
+    print(f"wrote {out} ({payload['total_s']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
