@@ -63,6 +63,7 @@ def repair_cmd(
     provider: str = typer.Option("auto", "--provider", help="onnxruntime provider for evaluation: auto, cpu, cuda."),
     device: str = typer.Option("auto", "--device", help="torch device for tuning: auto, cpu, cuda."),
     seed: int = typer.Option(0, "--seed"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 4GB (default: what the process holds + half of what is available, said in the log). Sizes the stacked and captured passes; results do not depend on it. Exit 2, before any training, when a stage cannot fit even one sample."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON to stdout instead of a table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     layout: Optional[str] = _options.LAYOUT,
@@ -85,7 +86,7 @@ def repair_cmd(
         model, method, train, output=output, val=val_ds, contract=contract, config=cfg,
         max_accuracy_drop=max_accuracy_drop, force=force, protected=protected, privileged=privileged, unprivileged=unprivileged,
         eval_corruptions=tuple(s for s in eval_corruptions.split(",") if s) if eval_corruptions else None,
-        provider=provider, device=device, seed=seed, report_path=report, progress=Reporter(enabled=not quiet),
+        provider=provider, device=device, seed=seed, report_path=report, max_memory=max_memory, progress=Reporter(enabled=not quiet),
     )
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
@@ -135,10 +136,33 @@ def print_repair_result(res) -> None:
         f"held-out clean accuracy {100 * r['accuracy_before']:.2f}% -> {100 * r['accuracy_after']:.2f}% "
         f"(drop {r['drop_points']:.2f} pts, limit {r['limit_points']}); fidelity max abs diff {res.fidelity['max_abs']:.1e}; exporter {res.exporter}"
     )
+    if res.memory:
+        console.print(memory_line(res.memory))
     if res.latency_ms:
         lr = res.latency_ms["ratio"]
         console.print("latency repaired/original on onnxruntime: " + ", ".join(f"{k} {v:.2f}x" for k, v in lr.items()))
     console.print("PASSED" if res.written else "FAILED")
+
+
+def memory_line(mem: dict) -> str:
+    """One line: the budget, and each stage's own peak resident memory (sampled), the method's steps in brackets."""
+    st = mem.get("stages", {})
+
+    def gb(mb: float) -> str:
+        return f"{mb / 1024:.2f}GB"
+
+    parts = []
+    for name, rec in st.items():
+        if name.startswith("method."):
+            continue
+        txt = f"{name} {gb(rec['stage_peak_mb'])}"
+        if "cuda_peak_mb" in rec:
+            txt += f" (cuda {gb(rec['cuda_peak_mb'])})"
+        subs = [f"{k.split('.', 1)[1]} {gb(v['stage_peak_mb'])}" for k, v in st.items() if k.startswith(name + ".")]
+        if subs:
+            txt += " (" + ", ".join(subs) + ")"
+        parts.append(txt)
+    return (f"peak memory {gb(mem['peak_mb'])} (budget {gb(mem['budget_mb'])}); by stage: " + ", ".join(parts))
 
 
 def register(app: typer.Typer) -> None:
