@@ -205,7 +205,7 @@ class _Liveness(fx.Interpreter):
                 rec[1] += 1
         self.owned[n] = ptrs
         self.sizes[n.name] = total
-        if n.op != "placeholder":
+        if n.op not in ("placeholder", "output"):  # the output node hands back a tensor counted where it was made
             self.saved += total
         self.largest = max(self.largest, total)
         self.peak = max(self.peak, self.live)
