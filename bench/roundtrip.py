@@ -3,8 +3,8 @@
     .venv/bin/python bench/roundtrip.py [--exporter auto|dynamo|legacy] [--batch 8] [--out bench/results/roundtrip.json]
 
 Per model: export from torch (ResNet-50 only; torchvision ``resnet50(weights=None)``, random weights, no
-download), load + check, convert (onnx2torch + passes), re-export, validate on onnxruntime (batch 1 and
-``--batch``). Prints a table of seconds per stage and fidelity, writes JSON. Timings are wall-clock on this
+download), read + check (``converters.read``), convert (onnx2torch + passes), re-export (simplified; node counts
+original/exported/simplified), validate on onnxruntime (batch 1 and ``--batch``). Prints a table of seconds per stage and fidelity, writes JSON. Timings are wall-clock on this
 machine in one run; compare them as ratios.
 """
 
@@ -25,12 +25,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def _bench(name: str, path: Path, exporter: str, batch: int, export_s: float | None) -> dict:
-    from converters import convert, export_like
-    from converters.load import load_model
+    from converters import convert, export_like, read
     from onnxrepair.validate import validate
 
     t = time.perf_counter()
-    loaded = load_model(path)
+    loaded = read(path)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     conv = convert(loaded)
@@ -46,7 +45,9 @@ def _bench(name: str, path: Path, exporter: str, batch: int, export_s: float | N
         "model": name, "file_mb": round(path.stat().st_size / 2**20, 2),
         "parameters": sum(p.numel() for p in conv.gm.parameters()),
         "torch_export_s": export_s, "load_s": load_s, "convert_s": convert_s, "reexport_s": reexport_s, "validate_s": validate_s,
-        "exporter": res.exporter, "opset": res.opset, "fallback_reason": res.fallback_reason, "provider": r.provider,
+        "exporter": res.exporter, "opset": res.opset, "source_opset": loaded.opset, "fallback_reason": res.fallback_reason,
+        "provider": r.provider, "nodes_original": len(loaded.model.graph.node), "nodes_exported": res.nodes_exported,
+        "nodes_simplified": res.nodes_simplified,
         "max_abs": w["max_abs"], "needed_atol": w["required_atol"], "argmax_agreement": w["argmax_agreement"], "passed": r.passed,
     }
 
@@ -82,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     t = Table(title="round trip: seconds per stage and fidelity")
-    cols = ["model", "params", "torch export", "load", "convert", "re-export", "validate", "exporter", "max abs", "needed atol", "argmax", "ok"]
+    cols = ["model", "params", "torch export", "load", "convert", "re-export", "validate", "exporter", "nodes", "max abs", "needed atol", "argmax", "ok"]
     for c in cols:
         t.add_column(c)
     for r in rows:
         t.add_row(r["model"], f"{r['parameters']:,}", "-" if r["torch_export_s"] is None else f"{r['torch_export_s']:.2f}",
                   f"{r['load_s']:.2f}", f"{r['convert_s']:.2f}", f"{r['reexport_s']:.2f}", f"{r['validate_s']:.2f}",
-                  f"{r['exporter']}@{r['opset']}", f"{r['max_abs']:.2e}", f"{r['needed_atol']:.2e}", f"{100 * r['argmax_agreement']:.0f}%",
+                  f"{r['exporter']}@{r['opset']}", f"{r['nodes_original']}/{r['nodes_exported']}/{r['nodes_simplified']}", f"{r['max_abs']:.2e}", f"{r['needed_atol']:.2e}", f"{100 * r['argmax_agreement']:.0f}%",
                   "PASSED" if r["passed"] else "FAILED")
     Console(width=200).print(t)
     doc = {"machine": {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,

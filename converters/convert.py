@@ -24,18 +24,22 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
-import torch
 from onnx import helper
-from torch import fx
 
-from onnxrepair.errors import ModelError
+from .errors import ModelError, one_line
 
-from .export import ExportResult, export_graph, get_metadata, set_metadata
-from .load import DEFAULT_DOMAIN, LoadedModel, TensorSpec, graph_inputs, graph_outputs, inventory, load_model, normalise_domain, opset_map
-from .passes import run_passes
-from .to_torch import to_torch
+from .load import DEFAULT_DOMAIN, LoadedModel, TensorSpec, graph_inputs, graph_outputs, inventory, normalise_domain, opset_map, read
+from .onnx_passes import run_onnx_passes
+
+if TYPE_CHECKING:  # torch is imported where it is used, so reading a model or its errors stays light
+    import torch
+    from torch import fx
+
+    from .export import ExportResult
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +218,8 @@ def example_inputs_for(specs: Sequence[TensorSpec], batch: int = 2, seed: int = 
             a = rng.random(shape) > 0.5
         else:
             a = np.zeros(shape, dtype=dt)
+        import torch
+
         out.append(torch.from_numpy(np.ascontiguousarray(a)))
     return out
 
@@ -227,7 +233,8 @@ class ConvertedModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]  # outputs of ``gm`` (for a classifier tail: the probability tensor)
     tail: OnnxTail | None = None
-    passes: list[str] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)  # every pass that changed something, ONNX-level ones first
+    notes: list[str] = field(default_factory=list)  # what those passes changed, one line each
 
     @property
     def original_outputs(self) -> list[TensorSpec]:
@@ -242,33 +249,51 @@ class ConvertedModel:
 
 
 def convert(source: str | os.PathLike | LoadedModel, *, passes: bool = True) -> ConvertedModel:
-    """Load (if given a path), split a classifier tail, convert with onnx2torch and run the fx passes."""
-    loaded = source if isinstance(source, LoadedModel) else load_model(source)
+    """Read (if given a path; pass :func:`converters.read`'s result to parse the file only once), fix what
+    torch cannot take as is (:mod:`converters.onnx_passes`), split a classifier tail, convert with onnx2torch
+    and run the fx passes. ``passes`` / ``notes`` of the result say what changed, ``topological_sort`` included."""
+    from .passes import run_passes
+    from .to_torch import to_torch
+
+    loaded = source if isinstance(source, LoadedModel) else read(source)
+    ran: list[str] = ["topological_sort"] if loaded.sorted_nodes else []
+    notes: list[str] = list(loaded.notes)
     model, _ = inline_constant_identities(loaded.model)
+    model, onnx_ran, onnx_notes = run_onnx_passes(model)
+    ran += onnx_ran
+    notes += onnx_notes
     core, tail = split_tail(model)
     core_loaded = loaded if (tail is None and model is loaded.model) else LoadedModel(
-        path=loaded.path, model=core, sha256=loaded.sha256, opsets=opset_map(core), inventory=inventory(core))
+        path=loaded.path, model=core, sha256=loaded.sha256, opsets=opset_map(core), inventory=inventory(core), nodes_of=loaded.nodes_of)
     gm = to_torch(core_loaded)
     specs = graph_inputs(core)
-    ran: list[str] = []
     if passes:
         try:
-            gm, ran = run_passes(gm, lambda b: example_inputs_for(specs, b))
+            gm, fx_ran = run_passes(gm, lambda b: example_inputs_for(specs, b))
         except RuntimeError as e:
             raise ModelError(f"{loaded.path}: {e}") from e
+        ran += fx_ran
     gm.eval()
-    return ConvertedModel(gm=gm, loaded=loaded, inputs=specs, outputs=graph_outputs(core), tail=tail, passes=ran)
+    return ConvertedModel(gm=gm, loaded=loaded, inputs=specs, outputs=graph_outputs(core), tail=tail, passes=ran, notes=notes)
 
 
 def _tool_version() -> str:
-    from onnxrepair import __version__
+    """The version of the distribution converters ships in (read from its metadata, not by importing it)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("onnxrepair")
+    except PackageNotFoundError:
+        return "unknown"
 
 
-def _fix_interface(model: onnx.ModelProto, converted: ConvertedModel) -> None:
-    """Exporters may name dims differently; keep the original input/output dtypes where they drifted."""
+def _fix_interface(model: onnx.ModelProto, converted: ConvertedModel) -> list[str]:
+    """Keep the original's interface where the exporter drifted: refuse a changed dtype; restore the original's
+    dimension names (an exporter names a dynamic batch ``batch``; the source said ``batch_size`` or ``N``), and
+    say where a symbolic dim of the original came out fixed. Returns notes."""
+    notes: list[str] = []
     want = {s.name: s for s in [*converted.inputs, *converted.outputs]}
+    rename: dict[str, str] = {}
     for v in [*model.graph.input, *model.graph.output]:
         s = want.get(v.name)
         tt = v.type.tensor_type
@@ -276,6 +301,29 @@ def _fix_interface(model: onnx.ModelProto, converted: ConvertedModel) -> None:
             continue
         if s.elem_type and tt.elem_type != s.elem_type:
             raise ModelError(f"export changed the dtype of {v.name!r}: {onnx.TensorProto.DataType.Name(tt.elem_type)} instead of {s.dtype_name}")
+        if not tt.HasField("shape") or len(tt.shape.dim) != len(s.shape):
+            continue
+        for i, (d, orig) in enumerate(zip(tt.shape.dim, s.shape)):
+            if isinstance(orig, int) and orig > 0:
+                continue
+            if d.HasField("dim_value"):
+                notes.append(f"{v.name} dim {i}: symbolic {orig or '?'} in the original, fixed to {d.dim_value} in the export")
+                continue
+            if d.dim_param and d.dim_param != (orig or "") and v in model.graph.input:
+                rename.setdefault(d.dim_param, orig or "")
+            if orig:
+                d.dim_param = orig
+            else:
+                d.ClearField("dim_param")
+    if rename:  # the exporter's names inside the graph follow the inputs' (value_info carries them)
+        for v in model.graph.value_info:
+            for d in v.type.tensor_type.shape.dim:
+                if d.dim_param in rename:
+                    if rename[d.dim_param]:
+                        d.dim_param = rename[d.dim_param]
+                    else:
+                        d.ClearField("dim_param")
+    return notes
 
 
 def export_like(
@@ -284,23 +332,30 @@ def export_like(
     example_inputs: Sequence[torch.Tensor] | None = None,
     exporter: str = "auto",
     extra_metadata: dict[str, str] | None = None,
+    *,
+    opset: int | None = None,
+    optimize: bool = True,
 ) -> ExportResult:
     """Export ``module`` (default: ``converted.gm``) with the original model's interface.
 
-    Keeps input/output names and dtypes, the dynamic batch dim (when the original had one) and an opset no
-    older than the original's; re-attaches a classifier tail; records provenance in ``metadata_props``:
-    ``onnxrepair.version``, ``onnxrepair.source_sha256``, ``onnxrepair.exporter`` (+ ``extra_metadata``).
+    Keeps input/output names and dtypes, their dimension names, a fixed batch fixed and a dynamic one dynamic,
+    and the original's opset where the exporter can write it (``opset=`` asks for another one: legacy writes
+    7..20, dynamo 18+); re-attaches a classifier tail; simplifies the graph (``optimize``; node counts in the
+    result); records provenance in ``metadata_props``: ``onnxrepair.version``, ``onnxrepair.source_sha256``,
+    ``onnxrepair.source_opset``, ``onnxrepair.exporter`` (+ ``extra_metadata``).
     """
+    from .export import export_graph, get_metadata, set_metadata
+
     module = converted.gm if module is None else module
     if example_inputs is None:
         example_inputs = converted.example_inputs(batch=2 if converted.dynamic_batch else 1)
     original_opset = converted.loaded.opsets.get(DEFAULT_DOMAIN, 17)
     res = export_graph(
         module, list(example_inputs), [s.name for s in converted.inputs], [s.name for s in converted.outputs],
-        min_opset=original_opset, dynamic_batch=converted.dynamic_batch, exporter=exporter,
+        min_opset=original_opset, opset=opset, dynamic_batch=converted.dynamic_batch, exporter=exporter, optimize=optimize,
     )
     model = res.model
-    _fix_interface(model, converted)
+    res.notes += _fix_interface(model, converted)
     if converted.tail is not None:
         model = converted.tail.attach(model)
     # keep the producer's own metadata, then add ours
@@ -320,10 +375,11 @@ def export_like(
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise ModelError(f"exported model fails the ONNX checker: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise ModelError(f"exported model fails the ONNX checker: {one_line(e)}") from e
     res.model = model
-    if res.opset < original_opset:
-        res.notes.append(f"exported opset {res.opset} is older than the original's {original_opset}")
+    if res.opset != original_opset:
+        res.notes.append(f"exported at opset {res.opset}; the original was opset {original_opset}"
+                         + (" (asked for)" if opset is not None else " (no exporter writes it)" if res.opset < original_opset else ""))
     return res
 
 

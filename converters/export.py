@@ -1,8 +1,10 @@
 """(Edited) ``torch.fx.GraphModule`` -> ONNX, keeping the original's interface.
 
-The dynamo exporter is tried first; where it fails the legacy TorchScript exporter runs and the
-result says which one did. Input/output names, dtypes, the dynamic batch dimension and an opset no
-older than the original's are kept; provenance goes into ``metadata_props``.
+Under ``auto`` the exporter that can write the source model's opset goes first (legacy below 18, dynamo
+from 18); where it fails the other runs and the result says which one did and why. The result is then
+simplified with onnxscript's optimizer (constant folding, dead nodes), node counts before/after reported.
+Input/output names and dtypes, dimension names and a fixed or dynamic batch are restored by
+:func:`converters.convert.export_like`; provenance goes into ``metadata_props``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ from typing import Sequence
 import onnx
 import torch
 
+from .errors import ConverterUsageError, ModelError, one_line
+from .io import save_model_atomic  # noqa: F401  (its old home; callers import it from here)
+
 log = logging.getLogger(__name__)
 
 TOOL_NAME = "onnxrepair"
+
+
+LEGACY_OPSETS = range(7, 21)  # what torch's TorchScript exporter writes
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes 18 and newer
 
 
 @dataclass
@@ -30,6 +39,13 @@ class ExportResult:
     opset: int
     fallback_reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    nodes_exported: int = 0  # as the exporter wrote it
+    nodes_simplified: int = 0  # after the optimizer (== nodes_exported when it changed nothing or did not run)
+    simplified_with: str | None = None  # the optimizer that ran, None when it did not
+
+    @property
+    def nodes(self) -> dict[str, int]:
+        return {"exported": self.nodes_exported, "simplified": self.nodes_simplified}
 
 
 def _main_opset(model: onnx.ModelProto) -> int:
@@ -52,7 +68,7 @@ def _dynamo_export(module, args, input_names, output_names, opset, dynamic_batch
             dynamo=True,
             input_names=list(input_names),
             output_names=list(output_names),
-            opset_version=max(opset, 18),
+            opset_version=opset,
             dynamic_shapes=dyn,
             verbose=False,
             optimize=True,
@@ -72,11 +88,49 @@ def _legacy_export(module, args, input_names, output_names, opset, dynamic_batch
             dynamo=False,
             input_names=list(input_names),
             output_names=list(output_names),
-            opset_version=min(max(opset, 7), 20),
+            opset_version=opset,
             dynamic_axes=axes,
             do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue())
+
+
+def plan_export(exporter: str, opset: int | None, min_opset: int) -> list[tuple[str, int]]:
+    """Which exporters to try, in order, and the opset each writes.
+
+    ``opset`` given: exactly that opset, with the exporters that can write it (legacy 7..20, dynamo >= 18);
+    none can -> :class:`ConverterUsageError`. ``opset`` None: keep ``min_opset`` (the source model's) where an
+    exporter can, else the nearest it writes; under ``auto`` the exporter that keeps it goes first.
+    """
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise ConverterUsageError(f"unknown exporter {exporter!r}; choose auto, dynamo or legacy")
+    names = ("dynamo", "legacy") if exporter == "auto" else (exporter,)
+    if opset is not None:
+        ok = [n for n in names if (opset in LEGACY_OPSETS if n == "legacy" else opset >= DYNAMO_MIN_OPSET)]
+        if not ok:
+            can = {"legacy": "7..20", "dynamo": f">= {DYNAMO_MIN_OPSET}"}
+            raise ConverterUsageError(f"opset {opset} cannot be written by the {' or '.join(names)} exporter "
+                                      f"({'; '.join(f'{n}: {can[n]}' for n in names)})")
+        return [(n, opset) for n in ok]
+    plan = []
+    for n in names:
+        plan.append((n, max(min_opset, DYNAMO_MIN_OPSET) if n == "dynamo" else min(max(min_opset, LEGACY_OPSETS.start), LEGACY_OPSETS.stop - 1)))
+    if exporter == "auto":  # the one that writes the source's own opset first (legacy below 18)
+        plan.sort(key=lambda p: p[1] != min_opset)
+    return plan
+
+
+def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None, str | None]:
+    """Constant folding and dead-node removal with onnxscript's optimizer (no fusion into custom-domain ops,
+    so the file still runs on any onnxruntime). Returns (model, optimizer name or None, why it did not run)."""
+    try:
+        import onnxscript
+        from onnxscript import optimizer
+
+        out = optimizer.optimize(model, num_iterations=2, onnx_shape_inference=False)
+    except Exception as e:  # noqa: BLE001 -- an optimizer failure must not lose a valid export
+        return model, None, f"{type(e).__name__}: {one_line(e)}"
+    return out, f"onnxscript.optimizer {getattr(onnxscript, '__version__', '')}".strip(), None
 
 
 def export_graph(
@@ -86,26 +140,35 @@ def export_graph(
     output_names: Sequence[str],
     *,
     min_opset: int = 17,
+    opset: int | None = None,
     dynamic_batch: bool = True,
     exporter: str = "auto",
+    optimize: bool = True,
 ) -> ExportResult:
-    """Export ``module`` with the given interface. ``exporter``: auto (dynamo, then legacy) | dynamo | legacy."""
+    """Export ``module`` with the given interface. ``exporter``: auto | dynamo | legacy; ``opset``: exactly this
+    one (see :func:`plan_export`), else ``min_opset`` kept where possible. ``optimize``: run :func:`simplify`
+    on the result; node counts before/after are in the result."""
     module = module.eval()
     errors: list[str] = []
-    order = {"auto": ("dynamo", "legacy"), "dynamo": ("dynamo",), "legacy": ("legacy",)}[exporter]
-    for name in order:
+    for name, target in plan_export(exporter, opset, min_opset):
         fn = _dynamo_export if name == "dynamo" else _legacy_export
         try:
             with torch.no_grad():
-                model = fn(module, list(example_inputs), input_names, output_names, min_opset, dynamic_batch)
+                model = fn(module, list(example_inputs), input_names, output_names, target, dynamic_batch)
         except Exception as e:  # exporter failures are many and varied; keep the reason
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            first = one_line(e)
             errors.append(f"{name}: {type(e).__name__}: {first}")
             log.info("%s exporter failed: %s", name, first)
             continue
-        return ExportResult(model=model, exporter=name, opset=_main_opset(model), fallback_reason="; ".join(errors) or None)
-    from onnxrepair.errors import ModelError
-
+        res = ExportResult(model=model, exporter=name, opset=_main_opset(model), fallback_reason="; ".join(errors) or None)
+        res.nodes_exported = res.nodes_simplified = len(model.graph.node)
+        if optimize:
+            simpler, by, why = simplify(model)
+            if by is not None:
+                res.model, res.simplified_with, res.nodes_simplified = simpler, by, len(simpler.graph.node)
+            else:
+                res.notes.append(f"graph not simplified: {why}")
+        return res
     raise ModelError("export to ONNX failed: " + " | ".join(errors))
 
 
@@ -121,24 +184,3 @@ def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
 
 def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, data_name: str | None = None) -> Path:
-    """Serialise ``model`` to ``path``; past protobuf's 2 GB limit the weights go to one external file
-    ``data_name`` (default ``<name>.data``) beside it."""
-    path = Path(path)
-    if model.ByteSize() > 2**31 - 1:
-        onnx.save_model(model, str(path), save_as_external_data=True, location=data_name or path.name + ".data")
-    else:
-        onnx.save_model(model, str(path))
-    return path
-
-
-def save_model_atomic(model: onnx.ModelProto, dest: str | os.PathLike) -> Path:
-    """Serialise ``model`` to a temporary file beside ``dest`` and rename it into place."""
-    from onnxrepair.io import atomic_path
-
-    dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        save_model(model, tmp, data_name=dest.name + ".data")
-    return dest

@@ -1,5 +1,12 @@
-"""Read an ONNX file safely: clear errors for every way a file can be wrong, checker, shape
-inference and an op inventory resolved to the op-set version each node really uses."""
+"""Read an ONNX file once: clear errors for every way a file can be wrong, the checker, shape inference, an
+op inventory resolved to the op-set version each node really uses, and the model's interface.
+
+:func:`read` is the one entry point (``load_model`` is its old name): it parses the file once and returns a
+:class:`LoadedModel` holding the proto and everything a caller asks of a model's interface (inputs/outputs with
+symbolic dim names and dtypes, ``metadata_props``, opset, producer, the op computing the first output,
+external data). Nodes that are not in topological order (onnxruntime runs such graphs, the ONNX checker
+refuses them) are sorted before the check, and ``sorted_nodes`` says how many moved.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from pathlib import Path
 import onnx
 from onnx import defs
 
-from onnxrepair.errors import ModelError, UsageError
+from .errors import ConverterUsageError, ModelError, one_line
 
 LFS_MAGIC = b"version https://git-lfs.github.com/spec"
 DEFAULT_DOMAIN = "ai.onnx"
@@ -30,15 +37,57 @@ class OpKey:
 
 @dataclass
 class LoadedModel:
+    """A model read from disk (see :func:`read`); pass it to ``convert`` so the file is not parsed again."""
+
     path: Path
-    model: onnx.ModelProto
+    model: onnx.ModelProto  # nodes in topological order, shapes inferred, external data loaded
     sha256: str
     opsets: dict[str, int]
     inventory: list[OpKey] = field(default_factory=list)
+    sorted_nodes: int = 0  # nodes the topological sort moved (0: the file was already in order)
+    external_data: list[str] = field(default_factory=list)  # files the weights were read from, relative to the model
+    nodes_of: dict[OpKey, list[str]] = field(default_factory=dict)  # node names per op, for messages
 
     @property
     def op_histogram(self) -> Counter:
         return Counter(str(k) for k in self.inventory)
+
+    @property
+    def inputs(self) -> list["TensorSpec"]:
+        return graph_inputs(self.model)
+
+    @property
+    def outputs(self) -> list["TensorSpec"]:
+        return graph_outputs(self.model)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {p.key: p.value for p in self.model.metadata_props}
+
+    @property
+    def producer(self) -> str:
+        return f"{self.model.producer_name} {self.model.producer_version}".strip()
+
+    @property
+    def opset(self) -> int:
+        """The default-domain (ai.onnx) opset."""
+        return int(self.opsets.get(DEFAULT_DOMAIN, 0))
+
+    @property
+    def ir_version(self) -> int:
+        return int(self.model.ir_version)
+
+    @property
+    def output_source_op(self) -> str | None:
+        """The op computing the first output (see :func:`output_source_op`)."""
+        return output_source_op(self.model) if self.model.graph.output else None
+
+    @property
+    def notes(self) -> list[str]:
+        out = []
+        if self.sorted_nodes:
+            out.append(f"nodes were not in topological order: sorted ({self.sorted_nodes} moved)")
+        return out
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -78,25 +127,87 @@ def _iter_nodes(graph: onnx.GraphProto):
 
 
 def inventory(model: onnx.ModelProto) -> list[OpKey]:
+    return [k for k, _ in _inventory_nodes(model)]
+
+
+def _inventory_nodes(model: onnx.ModelProto) -> list[tuple[OpKey, str]]:
     opsets = opset_map(model)
     out = []
     for node in _iter_nodes(model.graph):
         dom = normalise_domain(node.domain)
-        out.append(OpKey(dom, node.op_type, resolve_version(dom, node.op_type, opsets.get(dom, 1))))
+        out.append((OpKey(dom, node.op_type, resolve_version(dom, node.op_type, opsets.get(dom, 1))), node.name))
     return out
 
 
-def load_model(path: str | os.PathLike, *, check: bool = True, infer_shapes: bool = True) -> LoadedModel:
-    """Load ``path`` with external data, run the checker and shape inference, take the inventory.
+def topological_sort(graph: onnx.GraphProto, outer: set[str] | frozenset = frozenset()) -> int:
+    """Sort ``graph``'s nodes (and its subgraphs') so every node follows its inputs' producers; return how
+    many nodes changed position. Stable: nodes already in order keep it. Names produced nowhere (graph inputs,
+    initializers, outer-scope names of a subgraph) count as available; a cycle or a missing producer leaves
+    the rest in file order, for the checker to report."""
+    known = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    known |= {t.name for t in graph.sparse_initializer}
+    nodes = list(graph.node)
+    produced_by: dict[str, int] = {o: i for i, n in enumerate(nodes) for o in n.output}
+    moved = 0
+    for n in nodes:  # subgraphs first: their outer scope is everything this graph can see
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                moved += topological_sort(g, known | set(produced_by))
 
-    Raises :class:`UsageError` (exit 2) for a missing path and :class:`ModelError` (exit 3) for a file
-    that is not a readable, valid ONNX model.
+    def needs(n: onnx.NodeProto) -> set[str]:
+        names = {x for x in n.input}
+        for a in n.attribute:  # a subgraph's reads from this scope are inputs too
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                names |= {x for sub in _iter_nodes(g) for x in sub.input}
+        return {x for x in names if x in produced_by}
+
+    deps = [needs(n) for n in nodes]
+    done: set[str] = set()
+    order: list[int] = []
+    placed = [False] * len(nodes)
+    progress = True
+    while progress and len(order) < len(nodes):
+        progress = False
+        for i, n in enumerate(nodes):
+            if not placed[i] and all(d in done for d in deps[i]):
+                placed[i] = True
+                order.append(i)
+                done.update(n.output)
+                progress = True
+    order += [i for i in range(len(nodes)) if not placed[i]]
+    if order == list(range(len(nodes))):
+        return moved
+    moved += sum(1 for pos, i in enumerate(order) if pos != i)
+    copies = [onnx.NodeProto.FromString(nodes[i].SerializeToString()) for i in order]
+    del graph.node[:]
+    graph.node.extend(copies)
+    return moved
+
+
+def _external_locations(model: onnx.ModelProto) -> list[str]:
+    from onnx.external_data_helper import _get_all_tensors
+
+    out: list[str] = []
+    for t in _get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if loc and loc not in out:
+                out.append(loc)
+    return out
+
+
+def read(path: str | os.PathLike, *, check: bool = True, infer_shapes: bool = True) -> LoadedModel:
+    """Parse ``path`` once: external data, topological order, checker, shape inference, inventory, interface.
+
+    Raises :class:`ConverterUsageError` (exit 2) for a missing path or a directory and :class:`ModelError`
+    (exit 3) for a file that is not a readable, valid ONNX model (empty, a Git LFS pointer, truncated, external
+    data missing, rejected by the checker), each as one complete line.
     """
     p = Path(path)
     if not p.exists():
-        raise UsageError(f"{p}: no such file")
+        raise ConverterUsageError(f"{p}: no such file")
     if p.is_dir():
-        raise UsageError(f"{p}: is a directory, expected an .onnx file")
+        raise ConverterUsageError(f"{p}: is a directory, expected an .onnx file")
     size = p.stat().st_size
     if size == 0:
         raise ModelError(f"{p}: empty file, not an ONNX model")
@@ -105,26 +216,58 @@ def load_model(path: str | os.PathLike, *, check: bool = True, infer_shapes: boo
     if head.startswith(LFS_MAGIC):
         raise ModelError(f"{p}: is a Git LFS pointer, not the model; run `git lfs pull` to fetch the real file")
     try:
-        model = onnx.load(str(p), load_external_data=True)
-    except FileNotFoundError as e:
-        raise ModelError(f"{p}: external data file missing: {e.filename or e}") from e
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # protobuf DecodeError and friends
         raise ModelError(f"{p}: not a readable ONNX model (truncated or not ONNX): {type(e).__name__}") from e
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{p}: not an ONNX model (no graph found in the file)")
+    external = _external_locations(model)
+    if external:
+        missing = [loc for loc in external if not (p.parent / loc).exists()]
+        if missing:
+            raise ModelError(f"{p}: external data file missing: {', '.join(missing)} (expected beside the model, in {p.parent})")
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(p.parent))
+        except Exception as e:
+            raise ModelError(f"{p}: external data could not be read ({', '.join(external)}): {one_line(e)}") from e
+    moved = topological_sort(model.graph)
     if check:
         try:
-            # a path lets the checker handle >2 GB models with external data
-            onnx.checker.check_model(str(p) if size > 2**31 else model, full_check=False)
+            # a path lets the checker handle models past protobuf's 2 GB limit, weights in external files included
+            # (an unsorted one can only be checked in memory, where it was sorted)
+            onnx.checker.check_model(str(p) if (size > 2**31 or external) and not moved else model, full_check=False)
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"{p}: fails the ONNX checker: {msg}") from e
+            raise ModelError(f"{p}: fails the ONNX checker{' (after sorting its nodes)' if moved else ''}: {checker_line(e)}") from e
     if infer_shapes:
         try:
-            model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         except Exception:  # inference is advisory: some producers' graphs defeat it
-            pass
-    return LoadedModel(path=p, model=model, sha256=sha256_file(p), opsets=opset_map(model), inventory=inventory(model))
+            inferred = model
+        if inferred is not model:
+            # the interface stays as the file declares it (inference invents dim names such as unk__1);
+            # inferred types fill in only outputs the file left untyped
+            for mine, theirs in zip(inferred.graph.output, model.graph.output):
+                if theirs.type.tensor_type.elem_type or theirs.type.WhichOneof("value") not in (None, "tensor_type"):
+                    mine.CopyFrom(theirs)
+            model = inferred
+    inv = _inventory_nodes(model)
+    nodes_of: dict[OpKey, list[str]] = {}
+    for k, name in inv:
+        nodes_of.setdefault(k, []).append(name)
+    return LoadedModel(path=p, model=model, sha256=sha256_file(p), opsets=opset_map(model), inventory=[k for k, _ in inv],
+                       sorted_nodes=moved, external_data=external, nodes_of=nodes_of)
+
+
+load_model = read  # the name callers used before ``read`` returned the whole interface
+
+
+def checker_line(e: BaseException, limit: int = 600) -> str:
+    """The ONNX checker's message as one complete line: its lines joined (it breaks sentences across
+    lines, e.g. around a node's dump), whitespace collapsed, and only then shortened, with a marker."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 40].rstrip() + f" ... ({len(text)} characters; --debug shows all)"
 
 
 @dataclass(frozen=True)

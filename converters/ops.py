@@ -3,7 +3,10 @@
 One small converter per (op, since_version). Three kinds:
 
 * **New semantics**: Reduce*-18/20 (axes moved from an attribute to an optional input), Reshape with
-  ``allowzero=1``, CastLike-15/19/21, AveragePool-19 (adds ``dilations``), Pad-18 (``axes`` input).
+  ``allowzero=1``, CastLike-15/19/21, AveragePool-19 (adds ``dilations``), Pad-18 (``axes`` input),
+  Split-18 (``num_outputs``), Resize-18/19 (constant scales/sizes, the modes torch's ``interpolate`` shares),
+  ScatterND-18 (reduction none/add/mul, as a traceable ``index_put``), AveragePool-7/10/11 with asymmetric
+  pads (onnx2torch refuses them; symmetric ones still go to its converter).
 * **Reshape with a constant target** (every version, 5-21): onnx2torch's ``OnnxReshape`` branches on the
   *values* of the shape tensor (``torch.any(shape == 0)``), a data-dependent branch the dynamo exporter
   cannot trace. Where the target is a constant we emit :class:`StaticReshape`, whose shape is a Python
@@ -201,7 +204,8 @@ def _reduce18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     if axes_name:
         axes_t = _const(axes_name, graph)
         if axes_t is None:
-            raise NotImplementedError(f"{op}-18 with axes computed at run time (not a constant)")
+            raise NotImplementedError("axes computed from a tensor's values at run time (only constant axes, or axes computed "
+                                      "from shapes alone, can be converted)")
         axes: list[int] | None = [int(a) for a in axes_t.flatten().tolist()]
     else:
         axes = None
@@ -244,6 +248,50 @@ def _cast_like(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
 
 for _v in (15, 19, 21):
     add_converter(operation_type="CastLike", version=_v)(_cast_like)
+
+
+# ---------------------------------------------------------------- AveragePool with asymmetric pads
+
+
+class AsymmetricAvgPool(nn.Module, OnnxToTorchModule):
+    """AveragePool whose begin/end pads differ (SAME padding with an odd total, as Keras ``padding='same'``
+    writes it): zero-pad, average, and with ``count_include_pad=0`` divide by the share of real pixels in each
+    window (the same pooling run over a padded mask of ones), which is ONNX's divisor."""
+
+    def __init__(self, kernel: list[int], strides: list[int], pads: list[int], count_include_pad: bool) -> None:
+        super().__init__()
+        r = len(kernel)
+        self.kernel, self.strides, self.count_include_pad = list(kernel), list(strides), bool(count_include_pad)
+        # ONNX [b1.., bn, e1.., en] -> F.pad's last-dim-first (b_n, e_n, ..., b_1, e_1)
+        self.pad = [v for i in reversed(range(r)) for v in (int(pads[i]), int(pads[i + r]))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = {1: torch.nn.functional.avg_pool1d, 2: torch.nn.functional.avg_pool2d, 3: torch.nn.functional.avg_pool3d}[len(self.kernel)]
+        mean = pool(torch.nn.functional.pad(x, self.pad), self.kernel, self.strides)
+        if self.count_include_pad:
+            return mean
+        share = pool(torch.nn.functional.pad(torch.ones_like(x[:1, :1]), self.pad), self.kernel, self.strides)
+        return mean / share
+
+
+def _avg_pool_asymmetric_or(base: Converter) -> Converter:
+    def conv(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        a = node.attributes
+        pads = list(a.get("pads", []))
+        r = len(pads) // 2
+        if (not pads or pads[:r] == pads[r:] or _text(a.get("auto_pad"), "NOTSET") not in ("NOTSET", "")
+                or int(a.get("ceil_mode", 0)) or any(int(d) != 1 for d in a.get("dilations", []) or [])):
+            return base(node, graph)  # onnx2torch's own converter (symmetric pads), or its refusal
+        strides = list(a.get("strides", [1] * r))
+        return OperationConverterResult(
+            torch_module=AsymmetricAvgPool(list(a["kernel_shape"]), strides, pads, bool(int(a.get("count_include_pad", 0)))),
+            onnx_mapping=onnx_mapping_from_node(node))
+
+    return conv
+
+
+for _v in (7, 10, 11):
+    _replace("AveragePool", _v, _avg_pool_asymmetric_or(_CONVERTER_REGISTRY[OperationDescription("", "AveragePool", _v)]))
 
 
 # ---------------------------------------------------------------- pools / pads with new attributes
@@ -289,6 +337,157 @@ for _op, _vs, _t in (
             _alias(_op, _v, _t)
 
 
+# ---------------------------------------------------------------- Split-18 (num_outputs), Resize-18/19, ScatterND-18
+
+
+class StaticSplit(nn.Module, OnnxToTorchModule):
+    """Split along ``axis`` into constant ``sizes``, or into ``num_outputs`` chunks of ceil(d / n) (opset 18:
+    the last chunk may be smaller), the chunk size read from the input's shape at run time."""
+
+    def __init__(self, axis: int, sizes: list[int] | None, num_outputs: int) -> None:
+        super().__init__()
+        self.axis = int(axis)
+        self.sizes = sizes
+        self.num_outputs = int(num_outputs)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.sizes is not None:
+            return tuple(torch.split(x, self.sizes, dim=self.axis))
+        d = x.shape[self.axis]
+        return tuple(torch.split(x, (d + self.num_outputs - 1) // self.num_outputs, dim=self.axis))
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, sizes={self.sizes}, num_outputs={self.num_outputs}"
+
+
+def _split18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    axis = int(node.attributes.get("axis", 0))
+    n_out = len(node.output_values)
+    split_name = node.input_values[1] if len(node.input_values) > 1 else ""
+    sizes = None
+    if split_name:
+        t = _const(split_name, graph)
+        if t is None:
+            raise NotImplementedError("Split-18 with split sizes computed from a tensor's values at run time")
+        sizes = [int(v) for v in t.flatten().tolist()]
+    elif "num_outputs" in node.attributes and int(node.attributes["num_outputs"]) != n_out:
+        raise NotImplementedError(f"num_outputs={node.attributes['num_outputs']} but {n_out} outputs")
+    return OperationConverterResult(torch_module=StaticSplit(axis, sizes, n_out), onnx_mapping=_only_inputs(node, 1))
+
+
+add_converter(operation_type="Split", version=18)(_split18)
+
+
+class StaticResize(nn.Module, OnnxToTorchModule):
+    """``F.interpolate`` with constant output size or scale factors over the spatial dims."""
+
+    def __init__(self, mode: str, size: list[int] | None, scale: list[float] | None, align_corners: bool | None) -> None:
+        super().__init__()
+        self.mode, self.size, self.scale, self.align_corners = mode, size, scale, align_corners
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(x, size=self.size, scale_factor=self.scale, mode=self.mode, align_corners=self.align_corners)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, size={self.size}, scale={self.scale}, align_corners={self.align_corners}"
+
+
+_TORCH_MODE = {("nearest", 1): "nearest", ("nearest", 2): "nearest", ("nearest", 3): "nearest", ("linear", 1): "linear",
+               ("linear", 2): "bilinear", ("linear", 3): "trilinear", ("cubic", 2): "bicubic"}
+
+
+def _text(v, default: str) -> str:
+    v = default if v is None else v
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _resize18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """Resize-18/19 where torch's interpolate means the same thing; every other setting is refused with why."""
+    a = node.attributes
+    mode = _text(a.get("mode"), "nearest")
+    ctm = _text(a.get("coordinate_transformation_mode"), "half_pixel")
+    nearest = _text(a.get("nearest_mode"), "round_prefer_floor")
+    if int(a.get("antialias", 0)):
+        raise NotImplementedError("antialias=1 not supported")
+    if a.get("axes"):
+        raise NotImplementedError("the axes attribute not supported")
+    if _text(a.get("keep_aspect_ratio_policy"), "stretch") != "stretch":
+        raise NotImplementedError("keep_aspect_ratio_policy other than stretch not supported")
+    if mode == "nearest":
+        if (ctm, nearest) != ("asymmetric", "floor"):  # what torch's 'nearest' computes
+            raise NotImplementedError(f"mode=nearest with coordinate_transformation_mode={ctm}, nearest_mode={nearest} not supported "
+                                      "(torch's nearest is asymmetric + floor)")
+        align = None
+    elif mode in ("linear", "cubic"):
+        if ctm not in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+            raise NotImplementedError(f"mode={mode} with coordinate_transformation_mode={ctm} not supported")
+        if mode == "cubic" and abs(float(a.get("cubic_coeff_a", -0.75)) + 0.75) > 1e-6:
+            raise NotImplementedError("cubic_coeff_a other than -0.75 not supported")
+        if int(a.get("exclude_outside", 0)):
+            raise NotImplementedError("exclude_outside=1 not supported")
+        align = ctm == "align_corners"
+    else:
+        raise NotImplementedError(f"mode={mode} not supported")
+    vals = [_const(node.input_values[i], graph) if i < len(node.input_values) and node.input_values[i] else None for i in (1, 2, 3)]
+    for i, name in ((1, "roi"), (2, "scales"), (3, "sizes")):
+        if i < len(node.input_values) and node.input_values[i] and vals[i - 1] is None:
+            raise NotImplementedError(f"{name} computed from a tensor's values at run time")
+    roi, scales, sizes = vals
+    if roi is not None and roi.numel() and ctm == "tf_crop_and_resize":
+        raise NotImplementedError("roi not supported")
+    size = scale = None
+    if sizes is not None and sizes.numel():
+        sizes_l = [int(v) for v in sizes.flatten().tolist()]
+        size = sizes_l[2:]
+    elif scales is not None and scales.numel():
+        sc = [float(v) for v in scales.flatten().tolist()]
+        if sc[:2] != [1.0, 1.0]:
+            raise NotImplementedError(f"scales {sc} resize the batch or channel dimension")
+        scale = sc[2:]
+    else:
+        raise NotImplementedError("neither scales nor sizes given")
+    rank = len(size if size is not None else scale)
+    tmode = _TORCH_MODE.get((mode, rank))
+    if tmode is None:
+        raise NotImplementedError(f"mode={mode} on {rank} spatial dims not supported")
+    return OperationConverterResult(torch_module=StaticResize(tmode, size, scale, align), onnx_mapping=_only_inputs(node, 1))
+
+
+for _v in (18, 19):
+    add_converter(operation_type="Resize", version=_v)(_resize18)
+
+
+class ScatterND(nn.Module, OnnxToTorchModule):
+    """ONNX ScatterND with reduction none / add / mul as a tensor-indexed ``index_put`` (traceable by both
+    exporters, unlike a Python-list index)."""
+
+    def __init__(self, reduction: str) -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        k = indices.shape[-1]
+        flat = indices.reshape(-1, k)
+        idx = tuple(flat[:, i] for i in range(k))
+        upd = updates.reshape(flat.shape[0], *data.shape[k:])
+        out = data.clone()
+        if self.reduction == "none":
+            return out.index_put(idx, upd)
+        if self.reduction == "add":
+            return out.index_put(idx, upd, accumulate=True)
+        return out.index_put(idx, out[idx] * upd)  # mul (indices are unique, as the spec requires)
+
+
+def _scatter_nd(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    reduction = _text(node.attributes.get("reduction"), "none")
+    if reduction not in ("none", "add", "mul"):
+        raise NotImplementedError(f"reduction={reduction} not supported")
+    return OperationConverterResult(torch_module=ScatterND(reduction), onnx_mapping=onnx_mapping_from_node(node))
+
+
+add_converter(operation_type="ScatterND", version=18)(_scatter_nd)
+
+
 def registered_here() -> list[tuple[str, int]]:
     """(op, version) pairs this module registered or replaced, for ``inspect`` and tests."""
     return sorted(_REGISTERED)
@@ -300,4 +499,4 @@ for _d in _CONVERTER_REGISTRY:
     if getattr(fn, "__module__", "") == __name__:
         _REGISTERED.add((_d.operation_type, _d.version))
 
-__all__ = ["StaticReshape", "DynamicReshape", "StaticReduce", "CastLike", "CastTo", "registered_here"]
+__all__ = ["StaticReshape", "DynamicReshape", "StaticReduce", "CastLike", "CastTo", "StaticSplit", "StaticResize", "ScatterND", "AsymmetricAvgPool", "registered_here"]

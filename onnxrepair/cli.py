@@ -16,7 +16,7 @@ import sys
 import typer
 
 from . import __version__, commands
-from .errors import OnnxRepairError
+from .errors import USER_ERRORS
 
 app = typer.Typer(
     name="onnxrepair",
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=args, standalone_mode=False, prog_name="onnxrepair")
         return 0
-    except OnnxRepairError as e:
+    except USER_ERRORS as e:  # onnxrepair's and converters' errors: one line, their exit code
         if _state["debug"]:
             raise
         typer.echo(f"error: {e}", err=True)

@@ -6,11 +6,16 @@ Exit codes (README "Exit codes"):
     2  usage error (bad flags, bad data, bad paths)
     3  model unreadable or unsupported
 
-Library callers catch :class:`OnnxRepairError`; the CLI prints ``str(err)`` as one line
-and exits with ``err.exit_code``.
+Library callers catch :data:`USER_ERRORS` (``OnnxRepairError`` and converters' ``ConverterError``, the base of
+:class:`ModelError` / :class:`UnsupportedOpsError`); the CLI prints ``str(err)`` as one line and exits with
+``err.exit_code``.
 """
 
 from __future__ import annotations
+
+from converters.errors import ConverterError, ConverterUsageError
+from converters.errors import ModelError as _ModelError
+from converters.errors import UnsupportedOpsError as _UnsupportedOpsError
 
 
 class OnnxRepairError(Exception):
@@ -29,23 +34,20 @@ class DataError(UsageError):
     """Data that does not fit the model or cannot be read."""
 
 
-class ModelError(OnnxRepairError):
-    """The model file cannot be read, fails the checker, or uses unsupported ops."""
-
-    exit_code = 3
-
-
-class UnsupportedOpsError(ModelError):
-    """Every op the conversion cannot handle, reported together."""
-
-    def __init__(self, ops: list[tuple[str, str, int]], path: str = "") -> None:
-        self.ops = sorted(set(ops))
-        listed = ", ".join(f"{d or 'ai.onnx'}::{op}-{v}" for d, op, v in self.ops)
-        where = f"{path}: " if path else ""
-        super().__init__(f"{where}unsupported ops for conversion: {listed}")
+# The model errors are converters' own (``converters`` stands alone and raises them); re-exported here so
+# ``from onnxrepair.errors import ModelError`` and ``except ModelError`` keep working across both packages.
+ModelError = _ModelError
+UnsupportedOpsError = _UnsupportedOpsError
 
 
 class ValidationFailed(OnnxRepairError):
     """A numerical comparison or the accuracy-retention contract failed."""
 
     exit_code = 1
+
+
+# everything that is the user's to fix (one line, a documented exit code), from either package
+USER_ERRORS: tuple[type[Exception], ...] = (OnnxRepairError, ConverterError)
+
+__all__ = ["OnnxRepairError", "UsageError", "DataError", "ModelError", "UnsupportedOpsError", "ValidationFailed",
+           "ConverterError", "ConverterUsageError", "USER_ERRORS"]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from converters.io import atomic_path  # noqa: F401  (one atomic writer for models and reports)
 
 from .errors import UsageError
 
@@ -27,24 +27,6 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Pat
     if not parent.exists():
         raise UsageError(f"output directory {parent} does not exist")
     return out_p
-
-
-@contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; rename it over ``dest`` only if the block succeeds."""
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent if str(dest.parent) else ".")
-    os.close(fd)
-    tmp_p = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_p, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any file the user writes
-    try:
-        yield tmp_p
-        os.replace(tmp_p, dest)
-    finally:
-        if tmp_p.exists():
-            tmp_p.unlink()
 
 
 def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:

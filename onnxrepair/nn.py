@@ -7,9 +7,31 @@ import torch.nn.functional as F
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when a kernel really runs on it, else the CPU; ``cpu``; ``cuda`` / ``cuda:N``."""
+    from .errors import UsageError
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return torch.device("cuda") if _cuda_runs() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device works here (onnxrepair doctor says why)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _cuda_runs() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+        return True
+    except Exception:  # a listed GPU whose kernels fail is not a device to train on
+        return False
 
 
 def looks_like_probabilities(out: torch.Tensor, tol: float = 1e-3) -> bool:

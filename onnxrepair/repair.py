@@ -62,6 +62,8 @@ class RepairResult:
     config: dict[str, Any] = field(default_factory=dict)
     output_kind: str = "logits"  # how the methods read the model's first output: "logits" or "probs"
     summary: list[str] = field(default_factory=list)  # the method's own lines (MethodOutput.summarise)
+    environment: dict[str, Any] = field(default_factory=dict)  # device, provider really used, GPU, versions
+    export: dict[str, Any] = field(default_factory=dict)  # opset kept, node counts, conversion passes, notes
     memory: dict[str, Any] = field(default_factory=dict)  # budget, peak resident memory per stage, how passes were sized
     version: str = __version__
 
@@ -187,20 +189,20 @@ def prepare(
     progress.log(f"memory budget {format_size(mem.limit)} ({mem.source})")
     log.info("memory budget %s (%s)", format_size(mem.limit), mem.source)
     with mem.stage("convert"):
-        converted = converters.convert(model_path)
+        loaded = converters.read(model_path)  # the one parse of the file
+        converted = converters.convert(loaded)
     timings = {"convert": time.perf_counter() - t0}
     with mem.stage("prepare"):
-        return _prepare_rest(model_path, method, spec, cfg, converted, train, val, splits, contract, protected, privileged,
+        return _prepare_rest(model_path, method, spec, cfg, loaded, converted, train, val, splits, contract, protected, privileged,
                              unprivileged, dev, seed, progress, mem, timings, t0)
 
 
-def _prepare_rest(model_path, method, spec, cfg, converted, train, val, splits, contract, protected, privileged, unprivileged,
+def _prepare_rest(model_path, method, spec, cfg, loaded, converted, train, val, splits, contract, protected, privileged, unprivileged,
                   dev, seed, progress, mem: Memory, timings, t0) -> Prepared:
-    from converters.load import output_source_op
     if contract is None:
         from .data.contract import contract_from_metadata, finalize_contract, resolve_contract
 
-        contract = resolve_contract(converted.inputs[0].shape, train.x[:256], metadata=contract_from_metadata(converted.loaded.model))
+        contract = resolve_contract(converted.inputs[0].shape, train.x[:256], metadata=contract_from_metadata(loaded.model))
         finalize_contract(contract, train.x[:256])
     method_registry.check_inputs(spec, contract.is_image)
     _check_data_fits(train, converted, contract)
@@ -219,7 +221,7 @@ def _prepare_rest(model_path, method, spec, cfg, converted, train, val, splits, 
         pspec = resolve_protected(train, protected, privileged=privileged, unprivileged=unprivileged)
 
     gm = converted.gm
-    kind = _output_kind(gm, contract, tr, dev, output_source_op(converted.loaded.model))
+    kind = _output_kind(gm, contract, tr, dev, loaded.output_source_op)
     extras = _load_extras(spec, cfg, gm, contract, tr)
     mem.cost = _activation_cost(gm, contract, tr, dev)
     inputs = RepairInputs(model=gm, contract=contract, train=tr, calib=calib, output_kind=kind, device=dev, seed=seed,
@@ -282,7 +284,7 @@ def run(prep: Prepared) -> MethodOutput:
     return result
 
 
-def export(prep: Prepared, result: MethodOutput, exporter: str = "auto"):
+def export(prep: Prepared, result: MethodOutput, exporter: str = "auto", opset: int | None = None):
     """Stage 3: the repaired graph as an ONNX model shaped like the original (names, dtypes, dynamic batch, the
     classifier tail), its input contract and the method's config in the metadata."""
     from converters import export_like
@@ -297,7 +299,7 @@ def export(prep: Prepared, result: MethodOutput, exporter: str = "auto"):
     }
     dev = prep.inputs.device
     with _stage(prep, "export"):
-        exported = export_like(prep.converted, result.model.to("cpu"), [example], extra_metadata=meta, exporter=exporter)
+        exported = export_like(prep.converted, result.model.to("cpu"), [example], extra_metadata=meta, exporter=exporter, opset=opset)
     result.model.to(dev)
     prep.timings["export"] = time.perf_counter() - t
     return exported
@@ -319,7 +321,9 @@ def judge(
     """Stage 4: write the exported file to a temporary path, check it against the repaired graph, evaluate the
     original and repaired *files* on the held-out split on onnxruntime, apply the retention contract, and rename
     the file into place only when both hold (or ``force`` overrides retention). The report is written either way."""
-    from converters.export import save_model
+    from converters.io import write_model
+
+    from .doctor import environment
 
     out_path = check_output_path(output, prep.model_path)
     if report_path is not None:
@@ -328,7 +332,7 @@ def judge(
     repaired = result.model
     dev = prep.inputs.device
     with atomic_path(out_path) as tmp:
-        save_model(exported.model, tmp, data_name=out_path.name + ".data")
+        write_model(exported.model, tmp, data_name=out_path.name + ".data")
         t = time.perf_counter()
         progress.log("validating the exported file against the repaired graph")
         with _stage(prep, "validate"):
@@ -359,6 +363,11 @@ def judge(
             timings_s=timings, latency_ms=lat, output_kind=prep.inputs.output_kind,
             provider=fidelity["reference_provider"], contract=dataclasses.asdict(contract),
             config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}, summary=result.summarise(),
+            environment=environment(dev, fidelity["reference_provider"]),
+            export={"exporter": exported.exporter, "opset": exported.opset, "source_opset": prep.converted.loaded.opset,
+                    "nodes": exported.nodes, "simplified_with": exported.simplified_with,
+                    "conversion_passes": [str(p) for p in prep.converted.passes],
+                    "notes": list(prep.converted.notes) + list(exported.notes)},
             memory=prep.memory.report() if prep.memory is not None else {},
         )
         res.timings_s["total"] = time.perf_counter() - prep.t0
@@ -409,6 +418,7 @@ def repair(
     report_path: str | os.PathLike | None = None,
     max_memory: int | str | None = None,
     progress: Reporter = SILENT,
+    opset: int | None = None,
 ) -> RepairResult:
     """Repair ``model_path`` with ``method`` and write the result to ``output``: :func:`prepare`, :func:`run`,
     :func:`export`, :func:`judge`. ``max_memory``: the memory budget (see :func:`prepare`); a stage that cannot fit
@@ -427,7 +437,7 @@ def repair(
                    progress=progress)
     result = run(prep)
     progress.log("exporting the repaired graph to ONNX")
-    exported = export(prep, result)
+    exported = export(prep, result, opset=opset)
     return judge(prep, result, exported, output=output, max_accuracy_drop=max_accuracy_drop, force=force,
                  eval_corruptions=eval_corruptions, provider=provider, report_path=report_path, progress=progress)
 

@@ -1,7 +1,8 @@
 """``onnxrepair inspect MODEL.onnx [--json]``: what the model is and what a repair could reach.
 
 Reports inputs/outputs (shapes, dtypes), opsets, producer, an op histogram, the parameter count, conversion
-readiness (every op no converter handles, listed together) and the repair sites: conv layers (filters,
+readiness (a trial conversion to torch, no export: every refused op and node listed together; ``--ops-only``
+checks only that each op has a converter, and says so) and the repair sites: conv layers (filters,
 groups, kernel), dense layers (Gemm, or MatMul by a constant), and residual blocks (an Add whose two inputs
 come from different paths that fork from one tensor).
 """
@@ -80,16 +81,46 @@ def repair_sites(model: onnx.ModelProto) -> dict:
     return {"conv": convs, "dense": dense, "residual_blocks": residual}
 
 
-def describe(path: Path) -> dict:
-    from converters.load import graph_inputs, graph_outputs, load_model
+def _readiness(loaded, trial: bool) -> dict:
+    """Whether the model converts: a real trial conversion (``convert``, no export) unless ``trial`` is off,
+    then only the op-level check (every op has a registered converter), and the report says which."""
+    import time
+
     from converters.convert import split_tail
+    from converters.errors import ConverterError, UnsupportedOpsError
     from converters.load import inventory
     from converters.to_torch import unsupported_ops
 
-    loaded = load_model(path)
+    _, tail = split_tail(loaded.model)
+    out = {"checked": "trial conversion" if trial else "op-level only (every op has a converter; attributes and shapes not tried)",
+           "ready": False, "unsupported_ops": [], "error": "", "passes": [], "notes": [],
+           "onnx_tail": tail.op_types if tail else [],
+           "note": ("classifier tail kept as ONNX; repair works on " + tail.core_outputs[0]) if tail else ""}
+    if not trial:
+        core, _ = split_tail(loaded.model)
+        missing = unsupported_ops(inventory(core))
+        out.update(ready=not missing, unsupported_ops=[str(k) for k in missing])
+        return out
+    from converters import convert
+
+    t = time.perf_counter()
+    try:
+        converted = convert(loaded)
+    except UnsupportedOpsError as e:
+        out.update(unsupported_ops=[f"{d}::{op}-{v}" for d, op, v in e.ops], error=str(e))
+    except ConverterError as e:
+        out["error"] = str(e)
+    else:
+        out.update(ready=True, passes=converted.passes, notes=converted.notes)
+    out["seconds"] = round(time.perf_counter() - t, 3)
+    return out
+
+
+def describe(path: Path, trial: bool = True) -> dict:
+    from converters import read
+
+    loaded = read(path)
     m = loaded.model
-    core, tail = split_tail(m)
-    unsupported = unsupported_ops(inventory(core))
     n_params = 0
     for t in m.graph.initializer:
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
@@ -107,19 +138,18 @@ def describe(path: Path) -> dict:
     return {
         "model": str(path),
         "sha256": loaded.sha256,
-        "producer": f"{m.producer_name} {m.producer_version}".strip(),
-        "ir_version": int(m.ir_version),
+        "producer": loaded.producer,
+        "ir_version": loaded.ir_version,
         "opsets": loaded.opsets,
-        "inputs": [spec(s) for s in graph_inputs(m)],
-        "outputs": [spec(s) for s in graph_outputs(m)],
+        "inputs": [spec(s) for s in loaded.inputs],
+        "outputs": [spec(s) for s in loaded.outputs],
+        "output_source_op": loaded.output_source_op,
+        "metadata": loaded.metadata,
+        "external_data": loaded.external_data,
+        "sorted_nodes": loaded.sorted_nodes,
         "op_histogram": dict(sorted(hist.items(), key=lambda kv: (-kv[1], kv[0]))),
         "parameters": n_params,
-        "conversion": {
-            "ready": not unsupported,
-            "unsupported_ops": [str(k) for k in unsupported],
-            "onnx_tail": tail.op_types if tail else [],
-            "note": ("classifier tail kept as ONNX; repair works on " + tail.core_outputs[0]) if tail else "",
-        },
+        "conversion": _readiness(loaded, trial),
         "repair_sites": repair_sites(m),
     }
 
@@ -127,17 +157,21 @@ def describe(path: Path) -> dict:
 def inspect(
     model: Path = typer.Argument(..., help="The ONNX model to inspect."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    ops_only: bool = typer.Option(False, "--ops-only", help="Skip the trial conversion: check only that every op has a converter (faster, weaker)."),
 ) -> None:
-    """Inputs/outputs, opset, producer, op histogram, parameter count, conversion readiness, repair sites."""
-    info = describe(model)
+    """Inputs/outputs, opset, producer, op histogram, parameter count, conversion readiness (a trial conversion), repair sites."""
+    info = describe(model, trial=not ops_only)
     if json_out:
         typer.echo(json.dumps(info, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     con = Console(file=sys.stdout, width=max(Console().width, 120))
     con.print(f"[bold]{info['model']}[/]  producer: {info['producer'] or '?'}  opsets: {info['opsets']}  parameters: {info['parameters']:,}")
+    if info["sorted_nodes"]:
+        con.print(f"nodes were not in topological order: sorted ({info['sorted_nodes']} moved)")
     io_t = Table(title="interface")
     for c in ("kind", "name", "dtype", "shape"):
         io_t.add_column(c)
@@ -147,10 +181,15 @@ def inspect(
     con.print(io_t)
     con.print("ops: " + ", ".join(f"{k}×{v}" for k, v in info["op_histogram"].items()))
     conv = info["conversion"]
+    how = f"({conv['checked']})"
     if conv["ready"]:
-        con.print("[green]conversion: ready[/]" + (f" ({conv['note']})" if conv["note"] else ""))
+        extra = [conv["note"]] if conv["note"] else []
+        extra += [f"passes: {', '.join(conv['passes'])}"] if conv["passes"] else []
+        con.print(f"[green]conversion: ready[/] {escape(how)}" + (f"; {escape('; '.join(extra))}" if extra else ""))
+    elif conv["unsupported_ops"] and not conv["error"]:
+        con.print(f"[red]conversion: unsupported ops: {escape(', '.join(conv['unsupported_ops']))}[/] {escape(how)}")
     else:
-        con.print(f"[red]conversion: unsupported ops: {', '.join(conv['unsupported_ops'])}[/]")
+        con.print(f"[red]conversion: fails[/] {escape(how)}: {escape(conv['error'])}")
     sites = info["repair_sites"]
     t = Table(title="repair sites")
     for c in ("kind", "node", "detail"):

@@ -64,6 +64,7 @@ def repair_cmd(
     device: str = typer.Option("auto", "--device", help="torch device for tuning: auto, cpu, cuda."),
     seed: int = typer.Option(0, "--seed"),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 4GB (default: what the process holds + half of what is available, said in the log). Sizes the stacked and captured passes; results do not depend on it. Exit 2, before any training, when a stage cannot fit even one sample."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset of the repaired file (default: the original's where an exporter writes it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON to stdout instead of a table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     layout: Optional[str] = _options.LAYOUT,
@@ -87,6 +88,7 @@ def repair_cmd(
         max_accuracy_drop=max_accuracy_drop, force=force, protected=protected, privileged=privileged, unprivileged=unprivileged,
         eval_corruptions=tuple(s for s in eval_corruptions.split(",") if s) if eval_corruptions else None,
         provider=provider, device=device, seed=seed, report_path=report, max_memory=max_memory, progress=Reporter(enabled=not quiet),
+        opset=opset,
     )
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
@@ -136,6 +138,10 @@ def print_repair_result(res) -> None:
         f"held-out clean accuracy {100 * r['accuracy_before']:.2f}% -> {100 * r['accuracy_after']:.2f}% "
         f"(drop {r['drop_points']:.2f} pts, limit {r['limit_points']}); fidelity max abs diff {res.fidelity['max_abs']:.1e}; exporter {res.exporter}"
     )
+    ex = res.export or {}
+    if ex:
+        console.print(f"exported at opset {ex.get('opset')} (source {ex.get('source_opset')}); nodes {ex['nodes']['exported']} -> "
+                      f"{ex['nodes']['simplified']} after {ex.get('simplified_with') or 'no optimizer'}")
     if res.memory:
         console.print(memory_line(res.memory))
     if res.latency_ms:
