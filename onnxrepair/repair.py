@@ -185,9 +185,7 @@ def prepare(
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = pick_device(device)
-    mem = Memory(max_memory, dev)
-    progress.log(f"memory budget {format_size(mem.limit)} ({mem.source})")
-    log.info("memory budget %s (%s)", format_size(mem.limit), mem.source)
+    mem = Memory(max_memory, dev)  # said in the log when the method starts (errors before it stay one line)
     with mem.stage("convert"):
         loaded = converters.read(model_path)  # the one parse of the file
         converted = converters.convert(loaded)
@@ -276,6 +274,10 @@ def run(prep: Prepared) -> MethodOutput:
     """Stage 2: the method, on the prepared inputs; the held-out split never reaches it."""
     t = time.perf_counter()
     prep.inputs.progress.log(f"[bold]repair[/] {prep.model_path.name} with {prep.spec.name} on {len(prep.train)} training rows ({prep.inputs.device.type})")
+    if prep.memory is not None:
+        budget = f"memory budget {format_size(prep.memory.limit)} ({prep.memory.source})"
+        prep.inputs.progress.log(budget)
+        log.info(budget)
     _preflight(prep)
     with _stage(prep, "method"):
         result = prep.spec.fn(prep.inputs, prep.config)
