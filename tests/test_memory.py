@@ -68,7 +68,7 @@ def test_stages_are_measured(two_budgets):
     for stage in ("convert", "prepare", "method", "method.assess", "method.train", "method.calibrate"):
         rec = rep["stages"][stage]
         assert rec["stage_peak_mb"] >= rec["rss_start_mb"] > 0
-        assert rec["peak_mb"] >= rec["stage_peak_mb"] - 1  # the process peak by the end of the stage holds the stage's own
+        assert rec["peak_mb"] >= rec["stage_peak_mb"] - 16  # the process peak by the end of the stage holds the stage's own (the kernel syncs RSS counters lazily)
         assert rec["increase_mb"] >= 0
     assert rep["activation_cost_per_sample"]["peak_live_mb"] > 0
     assert {s["stage"] for s in rep["sizing"]} >= {"deeppatch assessment", "deeppatch calibration"}
