@@ -12,7 +12,8 @@ Figures, per model:
 * adversarial accuracy per attack × ε. Attacks are white-box and crafted **per model on that model's own
   converted torch graph** (onnx2torch), through the input contract so ε is in pixel units; the adversarial
   images are then scored on onnxruntime. (So models are compared on attacks against themselves, not on the
-  same adversarial images.)
+  same adversarial images.) ``attack_source="first"`` instead crafts them once on the first model and scores the
+  same adversarial images on every model (transfer).
 
 Everything the models see is scored by onnxruntime; torch only generates inputs.
 """
@@ -76,6 +77,8 @@ class EvalReport:
     seconds: float
     images_scored: int  # model evaluations performed on onnxruntime (all models, all copies)
     notes: list[str] = field(default_factory=list)
+    attack_source: str = "each"  # "each": white-box per model; "first": crafted on the first model, scored on all
+    warnings: list[str] = field(default_factory=list)  # loud: e.g. near-chance accuracy under a guessed contract
 
     @property
     def images_per_s(self) -> float:
@@ -105,6 +108,7 @@ class _Model:
     in_shape: tuple
     num_outputs: int | None
     torch_model: ModelWithContract | None = None
+    unit_contract: InputContract | None = None  # the same model input from the run's shared unit tensor (see unit_equivalent)
 
 
 def _model_shape_from_session(s: Session) -> tuple:
@@ -145,7 +149,25 @@ def _torch_model(m: _Model) -> ModelWithContract:
         raise UsageError("attacks need the model file (to convert it to torch), not only a session")
     from converters import convert
 
-    return ModelWithContract(convert(m.path).gm, m.contract).eval()
+    return ModelWithContract(convert(m.path).gm, m.unit_contract or m.contract).eval()
+
+
+def unit_equivalent(contract: InputContract, ref_scale: float) -> InputContract:
+    """The contract that gives ``contract``'s model input from a unit tensor made with ``ref_scale``.
+
+    Models are compared on one shared unit tensor (raw / ref_scale) that every corruption and attack acts on. A
+    model whose contract divides raw values by another scale s sees ``raw / s = unit * f`` with ``f = ref_scale / s``;
+    ``((unit * f) - mean) / std = (unit - mean / f) / (std / f)``, so its mean and std are rescaled instead of the
+    data. Per-model contracts (from each model's metadata or its own ``--config``) can thus differ in scale too.
+    """
+    import dataclasses
+
+    f = ref_scale / contract.scale
+    if f == 1.0:
+        return contract
+    mean = tuple(v / f for v in contract.mean) if contract.mean is not None else None
+    std = tuple(v / f for v in contract.std) if contract.std is not None else (1.0 / f,)
+    return dataclasses.replace(contract, scale=ref_scale, mean=mean, std=std, notes=[])
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -171,6 +193,7 @@ def evaluate_models(
     seed: int = 0,
     names: Sequence[str] | None = None,
     progress: Reporter = SILENT,
+    attack_source: str = "each",
 ) -> EvalReport:
     """Evaluate ``models`` (paths or :class:`Session`) on ``dataset`` under the same perturbed inputs.
 
@@ -180,10 +203,16 @@ def evaluate_models(
     ``attack_limit`` caps the images attacked (attacks cost far more than inference). ``device`` runs the
     corruptions and attacks (default: CUDA when available). Raises DataError / UsageError / ModelError with
     one clear line when data and model do not fit.
+
+    ``attack_source``: "each" (default) crafts white-box attacks per model on its own graph; "first" crafts them
+    once on the first model and scores those same adversarial images on every model (the transfer protocol,
+    e.g. of DARE's evaluation: a repaired model judged on the original's adversarial examples).
     """
     t_start = time.perf_counter()
     if not models:
         raise UsageError("no model given")
+    if attack_source not in ("each", "first"):
+        raise UsageError(f"attack source must be 'each' or 'first', not {attack_source!r}")
     corr_names = C.resolve_names(list(corruptions) if not isinstance(corruptions, str) else corruptions)
     attack_names = resolve_attacks(list(attacks) if not isinstance(attacks, str) else attacks)
     sev = sorted({int(s) for s in severities})
@@ -212,8 +241,13 @@ def evaluate_models(
         inp = sess.sess.get_inputs()[0]
         ms.append(_Model(name, path, sess, con, inp.name, np.dtype(ORT_TO_NP.get(inp.type, np.float32)), shape, _num_outputs(sess)))
 
-    if len({m.contract.scale for m in ms}) > 1:
-        raise UsageError("the models' contracts use different pixel scales; evaluate them separately or pass one --scale")
+    # one unit tensor for all models: raw / the scale the data's range calls for, when a model uses it, else the first model's
+    from .data.contract import guess_scale
+
+    data_scale = guess_scale(ds.x[:256])[0] if ds.x.ndim == 4 else ms[0].contract.scale
+    ref_scale = data_scale if any(m.contract.scale == data_scale for m in ms) else ms[0].contract.scale
+    for m in ms:
+        m.unit_contract = unit_equivalent(m.contract, ref_scale)
     n = len(ds)
     y_all = ds.y
     steps_per_batch = 1 + len(corr_names) * len(sev) + (len(DEEPPATCH_SIGMAS) if blur else 0)
@@ -228,12 +262,12 @@ def evaluate_models(
     def predict(m: _Model, unit: torch.Tensor, cache: dict) -> np.ndarray:
         # models whose contracts make the same input share one feed (keyed by value, not identity: the CLI
         # builds one contract object per model)
-        key = (m.contract.key(), m.in_dtype)
+        key = (m.unit_contract.key(), m.in_dtype)
         feed = cache.get(key)
         if feed is None:
-            feed = np.ascontiguousarray(m.contract.to_model(unit).detach().cpu().numpy(), dtype=m.in_dtype)
+            feed = np.ascontiguousarray(m.unit_contract.to_model(unit).detach().cpu().numpy(), dtype=m.in_dtype)
             cache[key] = feed
-        out = m.session.sess.run(None, {m.in_name: feed})[0]
+        out = m.session.run({m.in_name: feed})[0]
         return m.session.classes(out)
 
     # --- clean pass: the lean path (numpy only, one feed per contract group, next batch prepared while
@@ -252,7 +286,7 @@ def evaluate_models(
                 lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
                 yb = y_all[lo:hi]
                 # all models share the unit tensor; contracts differ only in to_model
-                unit_dev = ms[0].contract.to_unit(ds.x[lo:hi]).to(dev)
+                unit_dev = ms[0].unit_contract.to_unit(ds.x[lo:hi]).to(dev)
                 for c in corr_names:
                     for s in sev:
                         if s not in C.SEVERITIES[c]:
@@ -287,23 +321,31 @@ def evaluate_models(
         adv_n = len(ads)
         plan = [(a, e) for a in attack_names for e in (eps_l2 if ATTACKS[a].norm == "l2" else eps)]
         abs_ = min(batch_size, 256)
-        with progress.task("attacking", total=len(ms) * len(plan) * ((adv_n + abs_ - 1) // abs_)) as advance:
-            for m in ms:
+        crafters = ms if attack_source == "each" else ms[:1]
+        with progress.task("attacking", total=len(crafters) * len(plan) * ((adv_n + abs_ - 1) // abs_)) as advance:
+            for src in crafters:
                 t0 = time.perf_counter()
-                tm = _torch_model(m).to(dev)
+                tm = _torch_model(src).to(dev)
+                targets = [src] if attack_source == "each" else ms  # "first": the same adversarial images for every model
                 for a, e in plan:
-                    correct = 0
+                    correct = {m.name: 0 for m in targets}
                     for lo in range(0, adv_n, abs_):
                         hi = min(adv_n, lo + abs_)
-                        xu = m.contract.to_unit(ads.x[lo:hi]).to(dev)
+                        xu = src.unit_contract.to_unit(ads.x[lo:hi]).to(dev)
                         yt = torch.as_tensor(ads.y[lo:hi], device=dev)
                         atk = make_attack(a, tm, e, steps=attack_steps, seed=C.seed_for(seed, a, 0, lo))
                         xa = atk(xu, yt)
-                        correct += int((predict(m, xa, {}) == ads.y[lo:hi]).sum())
-                        scored += hi - lo
+                        cache: dict = {}
+                        for m in targets:
+                            t1 = time.perf_counter()
+                            correct[m.name] += int((predict(m, xa, cache) == ads.y[lo:hi]).sum())
+                            if m is not src:
+                                secs[m.name]["attacks"] += time.perf_counter() - t1
+                            scored += hi - lo
                         advance()
-                    adv_acc[m.name].setdefault(a, {})[float(e)] = correct / adv_n
-                secs[m.name]["attacks"] += time.perf_counter() - t0
+                    for m in targets:
+                        adv_acc[m.name].setdefault(a, {})[float(e)] = correct[m.name] / adv_n
+                secs[src.name]["attacks"] += time.perf_counter() - t0
 
     results = []
     classes = ds.classes or [str(i) for i in range(int(y_all.max()) + 1)]
@@ -337,8 +379,14 @@ def evaluate_models(
             )
         )
     notes = [f"{m.name}: {note}" for m in ms for note in m.contract.notes]
-    if attack_names:
+    notes += [f"{m.name}: the model's batch is fixed at {m.session.fixed_batch}; fed in chunks of {m.session.fixed_batch}"
+              for m in ms if m.session.fixed_batch is not None and m.session.fixed_batch != batch_size]
+    if attack_names and attack_source == "each":
         notes.append(f"attacks crafted per model on its own converted torch graph (white-box), scored on onnxruntime; {adv_n} images attacked")
+    elif attack_names:
+        notes.append(f"attacks crafted once on {ms[0].name}'s converted torch graph and the same adversarial images scored on every model "
+                     f"(transfer; white-box for {ms[0].name} only), on onnxruntime; {adv_n} images attacked")
+    warnings = [w for m, r in zip(ms, results) if (w := chance_warning(m.name, m.contract, r.clean, y_all)) is not None]
     rep = EvalReport(
         models=results,
         dataset=ds.name,
@@ -351,9 +399,102 @@ def evaluate_models(
         seconds=time.perf_counter() - t_start,
         images_scored=scored,
         notes=notes,
+        attack_source=attack_source,
+        warnings=warnings,
     )
     rep.generation_seconds = t_gen  # type: ignore[attr-defined]  (bench reads it; not part of the JSON)
     return rep
+
+
+# ----------------------------------------------------------------------------- a wrong contract looks like a bad model
+
+
+def chance_level(y: np.ndarray) -> float:
+    """What always answering the most frequent class scores."""
+    return float(np.bincount(y).max() / len(y)) if len(y) else 0.0
+
+
+def chance_warning(name: str, contract: InputContract, clean: float, y: np.ndarray | None) -> str | None:
+    """A loud line when an image model scores near chance on labelled data under a contract that was (partly)
+    guessed: that is far more often wrong preprocessing than a broken model."""
+    scale_guessed = any(n.startswith("scale ") and " guessed" in n for n in contract.notes)  # finalize_contract settles it from the data
+    if y is None or not len(y) or not contract.is_image or not (scale_guessed or {"mean", "std", "scale"} & set(contract.guessed)):
+        return None
+    chance = chance_level(y)
+    if clean > chance + 0.2 * (1.0 - chance):
+        return None
+    norm = "no mean/std" if contract.mean is None and contract.std is None else f"mean {contract.mean}, std {contract.std}"
+    return (f"{name} scores {100 * clean:.2f} % (chance {100 * chance:.2f} %) under a guessed input contract ({contract.layout}, "
+            f"scale {contract.scale:g}, {norm}): the preprocessing is probably wrong, not the model; rerun with --find-contract "
+            "or give --scale/--mean/--std/--layout")
+
+
+# the model-side transforms --find-contract tries: what the model expects of pixels in [0, 1] (mean, std)
+CONTRACT_CANDIDATES: dict[str, tuple[tuple[float, ...] | None, tuple[float, ...] | None]] = {
+    "[0,1]": (None, None),
+    "[0,255]": ((0.0,), (1 / 255,)),
+    "[-1,1]": ((0.5,), (0.5,)),
+    "ImageNet mean/std": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "CIFAR-10 mean/std": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "MNIST mean/std": ((0.1307,), (0.3081,)),
+}
+
+
+def find_contract(
+    model: str | os.PathLike | Session,
+    dataset: ArrayDataset,
+    base: InputContract,
+    *,
+    sample: int = 512,
+    seed: int = 0,
+    provider: str = "auto",
+) -> tuple[InputContract, list[dict]]:
+    """Try the usual preprocessing candidates on a stratified labelled sample and return the best contract and
+    every candidate's accuracy (best first).
+
+    Candidates: the model takes pixels in [0, 1], in [0, 255], in [-1, 1], or normalised with ImageNet, CIFAR-10
+    or MNIST mean/std (those matching the image's channel count), each in NCHW and NHWC where the model accepts
+    that shape. The data side (raw values -> [0, 1], ``base.scale``) stays as guessed from the data's range, so
+    corruptions and attack budgets keep their pixel meaning; "a model that takes 0-255 pixels" is std 1/255.
+    Ties keep the earlier candidate (the base contract's layout, [0, 1] first).
+    """
+    import dataclasses
+
+    if dataset.y is None:
+        raise UsageError("--find-contract needs labelled data")
+    if dataset.x.ndim != 4:
+        raise UsageError("--find-contract searches image preprocessing; the data are not images")
+    _, _, sess = open_model(model, provider)
+    ds = dataset.limit(sample, seed=seed)
+    c = ds.x.shape[1]
+    layouts = [base.layout] + [lay for lay in ("nchw", "nhwc") if lay != base.layout]
+    dtype = np.dtype(ORT_TO_NP.get(sess.sess.get_inputs()[0].type, np.float32))
+    tried: list[dict] = []
+    best: InputContract | None = None
+    best_acc = -1.0
+    for lay in layouts:
+        for label, (mean, std) in CONTRACT_CANDIDATES.items():
+            if mean is not None and len(mean) not in (1, c):
+                continue
+            cand = dataclasses.replace(base, layout=lay, mean=mean, std=std, notes=[], guessed=())
+            try:
+                feed = np.ascontiguousarray(cand.to_model(cand.to_unit(ds.x)).numpy(), dtype=dtype)
+                pred = sess.classes(sess.run({sess.input_names[0]: feed})[0])
+            except Exception:  # the model does not take this layout: not a candidate
+                continue
+            acc = float((pred == ds.y).mean())
+            tried.append({"preprocessing": label, "layout": lay, "mean": mean, "std": std, "accuracy": acc})
+            if acc > best_acc:
+                best, best_acc = cand, acc
+    if best is None:
+        raise UsageError("--find-contract: the model took none of the candidate inputs")
+    tried.sort(key=lambda t: -t["accuracy"])
+    top = tried[0]
+    nxt = f"; next best {tried[1]['preprocessing']} ({tried[1]['layout']}) {100 * tried[1]['accuracy']:.2f} %" if len(tried) > 1 else ""
+    best.source = "found"
+    best.notes = [f"contract found by --find-contract: model takes {top['preprocessing']} ({top['layout']}), scale {best.scale:g}; "
+                  f"{100 * top['accuracy']:.2f} % on {len(ds)} labelled images{nxt}"]
+    return best, tried
 
 
 def _feeder(m: _Model):
@@ -404,7 +545,7 @@ def _clean_predictions(ms: Sequence[_Model], x: np.ndarray, batch_size: int, pre
             for feed, (_, g) in zip(feeds, feeders):
                 for m in g:
                     t0 = time.perf_counter()
-                    preds[m.name] = m.session.classes(m.session.sess.run(None, {m.in_name: feed})[0])
+                    preds[m.name] = m.session.classes(m.session.run({m.in_name: feed})[0])
                     secs[m.name] = time.perf_counter() - t0 + t_prep
             yield lo, hi, preds, secs
     finally:

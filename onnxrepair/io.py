@@ -52,3 +52,24 @@ def _json_default(o: Any) -> Any:
 
         return dataclasses.asdict(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+_READ_CACHE: dict[tuple, Any] = {}
+
+
+def read_model(path: str | os.PathLike):
+    """:func:`converters.read` once per file version: a command that builds the contract and then repairs parses
+    the model one time, not once per step (keyed by path, size and mtime, so an edited file is read again)."""
+    import converters
+
+    p = Path(path)
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return converters.read(p)  # the converters' own message for a missing or unreadable path
+    if key not in _READ_CACHE:
+        if len(_READ_CACHE) >= 4:
+            _READ_CACHE.pop(next(iter(_READ_CACHE)))
+        _READ_CACHE[key] = converters.read(p)
+    return _READ_CACHE[key]

@@ -31,7 +31,7 @@ from . import methods as method_registry
 from .data.contract import METADATA_KEY, InputContract
 from .data.dataset import ArrayDataset
 from .errors import DataError, UsageError, ValidationFailed
-from .io import atomic_path, check_output_path, write_json_atomic
+from .io import atomic_path, check_output_path, read_model, write_json_atomic
 from .memory import Memory, activation_cost, format_size
 from .data.protected import ProtectedSpec
 from .methods import MethodOutput, RepairInputs
@@ -114,26 +114,6 @@ def _validate_export(path: str, module: torch.nn.Module, tail, contract: InputCo
     }
 
 
-def _latency(path: str, example: np.ndarray, provider: str, repeats: int = 20) -> dict[str, float]:
-    from .runtime import make_session
-
-    sess = make_session(path, provider)
-    name = sess.input_names[0]
-    out: dict[str, float] = {}
-    for b in (1, 64):
-        xb = np.repeat(example[:1], b, axis=0) if len(example) < b else example[:b]
-        xb = np.ascontiguousarray(xb, dtype=np.float32)
-        for _ in range(3):
-            sess.run({name: xb})
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            sess.run({name: xb})
-            times.append(time.perf_counter() - t)
-        out[f"batch{b}"] = float(np.median(times) * 1e3)
-    return out
-
-
 @dataclass
 class Prepared:
     """Stage 1's result: the converted model, the resolved contract and splits, the method and its config, and
@@ -187,7 +167,7 @@ def prepare(
     dev = pick_device(device)
     mem = Memory(max_memory, dev)  # said in the log when the method starts (errors before it stay one line)
     with mem.stage("convert"):
-        loaded = converters.read(model_path)  # the one parse of the file
+        loaded = read_model(model_path)  # the one parse of the file (shared with the CLI's contract step)
         converted = converters.convert(loaded)
     timings = {"convert": time.perf_counter() - t0}
     with mem.stage("prepare"):
@@ -273,7 +253,7 @@ def _load_extras(spec, cfg, gm, contract: InputContract, train: ArrayDataset) ->
 def run(prep: Prepared) -> MethodOutput:
     """Stage 2: the method, on the prepared inputs; the held-out split never reaches it."""
     t = time.perf_counter()
-    prep.inputs.progress.log(f"[bold]repair[/] {prep.model_path.name} with {prep.spec.name} on {len(prep.train)} training rows ({prep.inputs.device.type})")
+    prep.inputs.progress.stage(f"repair with {prep.spec.name}", f"{prep.model_path.name} on {len(prep.train)} training rows ({prep.inputs.device.type})")
     if prep.memory is not None:
         budget = f"memory budget {format_size(prep.memory.limit)} ({prep.memory.source})"
         prep.inputs.progress.log(budget)
@@ -293,7 +273,9 @@ def export(prep: Prepared, result: MethodOutput, exporter: str = "auto", opset: 
 
     t = time.perf_counter()
     contract, cfg = prep.contract, prep.config
-    example = contract.to_model(contract.to_unit(prep.train.x[:2])).to("cpu")
+    from .runtime import example_batch  # onnxruntime loads on first use, not with this module
+
+    example = contract.to_model(contract.to_unit(prep.train.x[: example_batch(prep.converted.inputs[0].shape)])).to("cpu")  # a fixed batch stays fixed
     meta = {
         "onnxrepair.method": prep.spec.name,
         "onnxrepair.config": _json(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}),
@@ -336,13 +318,13 @@ def judge(
     with atomic_path(out_path) as tmp:
         write_model(exported.model, tmp, data_name=out_path.name + ".data")
         t = time.perf_counter()
-        progress.log("validating the exported file against the repaired graph")
+        progress.stage("validation", "the exported file against the repaired graph on onnxruntime")
         with _stage(prep, "validate"):
             fidelity = _validate_export(str(tmp), repaired, prep.converted.tail, contract, heldout, dev)
         timings["validate"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        progress.log(f"evaluating original and repaired files on {len(heldout)} held-out rows")
+        progress.stage("evaluation", f"original and repaired files on {len(heldout)} held-out rows")
         with _stage(prep, "evaluate"):
             before, after = _evaluate(spec.task, str(prep.model_path), str(tmp), heldout, contract, prep.protected,
                                       eval_corruptions or _train_corruptions(prep.config), provider, prep.inputs.seed, progress,
@@ -351,8 +333,9 @@ def judge(
             lat: dict[str, Any] = {}
             if contract.is_image:
                 x64 = contract.to_model(contract.to_unit(heldout.x[:64])).numpy()
-                lat = {"original": _latency(str(prep.model_path), x64, provider), "repaired": _latency(str(tmp), x64, provider)}
-                lat["ratio"] = {k: lat["repaired"][k] / lat["original"][k] for k in lat["original"]}
+                from .runtime import latency_comparison  # a fixed-batch model runs in chunks of its batch; latency_ms["notes"] says so
+
+                lat = latency_comparison(str(prep.model_path), str(tmp), x64, provider)
 
         retention = retention_check(float(before["accuracy"]), float(after["accuracy"]), max_accuracy_drop, len(heldout))
         ok = fidelity["passed"] and (retention["passed"] or force)
@@ -438,7 +421,7 @@ def repair(
                    privileged=privileged, unprivileged=unprivileged, device=device, seed=seed, max_memory=max_memory,
                    progress=progress)
     result = run(prep)
-    progress.log("exporting the repaired graph to ONNX")
+    progress.stage("export")
     exported = export(prep, result, opset=opset)
     return judge(prep, result, exported, output=output, max_accuracy_drop=max_accuracy_drop, force=force,
                  eval_corruptions=eval_corruptions, provider=provider, report_path=report_path, progress=progress)

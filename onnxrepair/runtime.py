@@ -7,13 +7,20 @@ Reading a classifier's first output as classes (:func:`output_reading`, :func:`l
 integer labels as they are, several columns by argmax, one column as P(class 1) > 0.5 when the graph
 computes it with a Sigmoid, else as a logit > 0. Decided from the graph once per model, so every batch
 of one model is read the same way; only a session made without a file or bytes falls back to values.
+
+Fixed batch (exports for mobile/edge runtimes often declare an input ``[1, 3, 224, 224]``): a session knows its
+fixed batch (:attr:`Session.fixed_batch`, from the first input's declared shape) and :meth:`Session.run` feeds any
+number of rows in chunks of it (the last chunk padded with copies of its last row, the padding dropped from the
+outputs), so every caller can hand it the batch it likes.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -53,8 +60,24 @@ class Session:
     def output_names(self) -> list[str]:
         return [o.name for o in self.sess.get_outputs()]
 
+    @functools.cached_property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model's inputs declare (an integer first dimension), or None when it is dynamic."""
+        return declared_batch(self.sess.get_inputs())
+
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list:
-        return self.sess.run(list(outputs) if outputs else None, feeds)
+        """Run ``feeds``; a model with a fixed batch gets them in chunks of that batch (see the module docstring)."""
+        names = list(outputs) if outputs else None
+        fb = self.fixed_batch
+        n = len(next(iter(feeds.values()))) if feeds else 0
+        if fb is None or n == fb or not feeds:
+            return self.sess.run(names, feeds)
+        parts = []
+        for lo in range(0, n, fb):
+            hi = min(n, lo + fb)
+            chunk = {k: _pad_rows(v[lo:hi], fb) for k, v in feeds.items()}
+            parts.append([_take_rows(o, hi - lo) for o in self.sess.run(names, chunk)])
+        return [_concat_rows([p[i] for p in parts]) for i in range(len(parts[0]))] if parts else self.sess.run(names, feeds)
 
     def classes(self, out: np.ndarray) -> np.ndarray:
         """Predicted classes from this session's first output ``out``, read as :func:`output_reading`
@@ -72,8 +95,82 @@ class Session:
         parts = []
         for i in range(0, len(x), batch_size):
             xb = np.ascontiguousarray(x[i : i + batch_size], dtype=dtype)
-            parts.append(self.sess.run([out_name], {name_in: xb})[0])
+            parts.append(self.run({name_in: xb}, [out_name])[0])
         return np.concatenate(parts, axis=0) if parts else np.empty((0,))
+
+
+def declared_batch(inputs) -> int | None:
+    """The fixed batch that onnxruntime input specs declare (all inputs with a rank agree on an integer first
+    dimension), else None."""
+    dims = {i.shape[0] for i in inputs if len(i.shape) >= 1}
+    if len(dims) == 1:
+        (d,) = dims
+        if isinstance(d, int) and d > 0:
+            return d
+    return None
+
+
+def example_batch(shape: Sequence, default: int = 2) -> int:
+    """Rows for an export example: a model's fixed batch (a declared integer first dimension), else ``default``
+    (more than one row, so no batch size of 1 is frozen into the trace)."""
+    d = shape[0] if len(shape) else None
+    return d if isinstance(d, int) and d > 0 else default
+
+
+def _pad_rows(v: np.ndarray, batch: int) -> np.ndarray:
+    v = np.ascontiguousarray(v)
+    if len(v) >= batch or len(v) == 0:
+        return v
+    return np.concatenate([v, np.repeat(v[-1:], batch - len(v), axis=0)], axis=0)
+
+
+def _take_rows(o, n: int):
+    return o[:n] if isinstance(o, (np.ndarray, list)) else o
+
+
+def _concat_rows(parts: list):
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=0) if parts[0].ndim else parts[0]
+    if isinstance(parts[0], list):  # sequences (ZipMap): one entry per row
+        return [e for p in parts for e in p]
+    return parts[0]
+
+
+def measure_latency(model: str | os.PathLike, example: np.ndarray, provider: str = "auto", batches: Sequence[int] = (1, 64),
+                    repeats: int = 20, label: str | None = None) -> tuple[dict[str, float], list[str]]:
+    """Median milliseconds per call at each of ``batches`` (rows of ``example``, repeated when short), and notes.
+    A model with a fixed batch gets each batch in runs of its batch (64 rows = 64 runs of batch 1): the time is for
+    the rows, so the figures of a fixed and a dynamic model compare the same work; the note says so."""
+    sess = make_session(model, provider)
+    name = sess.input_names[0]
+    dtype = ORT_TO_NP.get(sess.sess.get_inputs()[0].type, np.float32)
+    out: dict[str, float] = {}
+    notes: list[str] = []
+    for b in batches:
+        xb = np.repeat(example[:1], b, axis=0) if len(example) < b else example[:b]
+        xb = np.ascontiguousarray(xb, dtype=dtype)
+        for _ in range(3):
+            sess.run({name: xb})
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            sess.run({name: xb})
+            times.append(time.perf_counter() - t)
+        out[f"batch{b}"] = float(np.median(times) * 1e3)
+        fb = sess.fixed_batch
+        if fb is not None and b != fb:
+            runs = -(-b // fb)
+            notes.append(f"{label or Path(str(model)).name}: batch fixed at {fb}, so batch{b} is {b} row(s) in {runs} run(s) of batch {fb}"
+                         + (" (padded)" if b % fb else ""))
+    return out, notes
+
+
+def latency_comparison(original: str | os.PathLike, repaired: str | os.PathLike, example: np.ndarray, provider: str = "auto") -> dict:
+    """``{"original": {...}, "repaired": {...}, "ratio": {...}, "notes": [...]}`` of :func:`measure_latency` (the
+    repair report's ``latency_ms``)."""
+    a, na = measure_latency(original, example, provider, label="original")
+    b, nb = measure_latency(repaired, example, provider, label="repaired")
+    return {"original": a, "repaired": b, "ratio": {k: b[k] / a[k] for k in a}, "notes": na + nb}
 
 
 def output_reading(session: Session) -> str | None:

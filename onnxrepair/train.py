@@ -180,6 +180,8 @@ def train_loop(
             if score is not None:
                 consider(epoch, row)
             history.append(row)
+            progress.epoch(epoch, epochs, loss=row["loss"], **{k: v for k, v in row.items()
+                                                               if k not in ("epoch", "loss") and isinstance(v, float)})
     if score is not None and keep == "best":
         state = best["state"] if best["state"] is not None else original
         model.load_state_dict(state, strict=False)

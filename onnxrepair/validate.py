@@ -98,7 +98,8 @@ def random_inputs(specs, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
     for s in specs:
-        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(s.shape)]
+        # the first dimension is the batch even where the model fixes it: Session.run feeds a fixed batch in chunks
+        shape = [batch if i == 0 else (d if isinstance(d, int) and d > 0 else 1) for i, d in enumerate(s.shape)]
         dt = s.dtype if s.dtype is not None else np.dtype(np.float32)
         if np.issubdtype(dt, np.floating):
             feeds[s.name] = rng.random(shape).astype(dt)
@@ -118,7 +119,11 @@ def _slice_inputs(data: Mapping[str, np.ndarray], batch: int) -> dict[str, np.nd
     return out
 
 
-def compare_arrays(name: str, ref: np.ndarray, cand: np.ndarray, batch: int, tol: Tolerance, min_argmax: float = 1.0) -> OutputComparison:
+def compare_arrays(name: str, ref: np.ndarray, cand: np.ndarray, batch: int, tol: Tolerance, min_argmax: float = 1.0,
+                   threshold: float | None = None) -> OutputComparison:
+    """Compare one output. Several columns: argmax agreement must reach ``min_argmax``. One column with a
+    ``threshold`` (0.5 for a Sigmoid probability, 0 for a logit): the decisions ``value > threshold`` must agree
+    as well, so a class flip inside the numeric tolerance fails here too."""
     ref, cand = _as_array(ref), _as_array(cand)
     if ref.shape != cand.shape:
         return OutputComparison(name, batch, list(ref.shape), float("inf"), float("inf"), 0.0, 0.0, tol.rtol, float("inf"),
@@ -141,6 +146,8 @@ def compare_arrays(name: str, ref: np.ndarray, cand: np.ndarray, batch: int, tol
     agree = None
     if r.ndim == 2 and r.shape[1] > 1:
         agree = float(np.mean(np.argmax(r, 1) == np.argmax(c, 1)))
+    elif threshold is not None and r.size and (r.ndim == 1 or (r.ndim == 2 and r.shape[1] == 1)):
+        agree = float(np.mean((r.reshape(-1) > threshold) == (c.reshape(-1) > threshold)))
     ok = not fails.any() and (agree is None or agree >= min_argmax)
     return OutputComparison(name, batch, list(ref.shape), max_abs, max_rel, scale, atol, tol.rtol, required, int(fails.sum()),
                             int(ref.size), agree, bool(ok))
@@ -208,6 +215,10 @@ def validate(
     tail_sess = _tail_session(tail) if tail is not None else None
     ref_model = onnx.load_from_string(reference) if isinstance(reference, bytes) else onnx.load(str(reference), load_external_data=False)
     specs = graph_inputs(ref_model)
+    from converters.load import output_source_op
+
+    # a single-column classifier output: its decision threshold, read from the graph like every verdict here
+    first_threshold = 0.5 if output_source_op(ref_model) == "Sigmoid" else 0.0
     names = ref_sess.output_names
     iface = cand_sess if cand_sess is not None else tail_sess  # what must give the reference's outputs
     if iface is not None:
@@ -231,7 +242,8 @@ def validate(
             if i >= len(cand_out):
                 continue
             t = (per_output or {}).get(name, tol)
-            result.comparisons.append(compare_arrays(name, ref_out[i], cand_out[i], b, t, min_argmax_agreement))
+            result.comparisons.append(compare_arrays(name, ref_out[i], cand_out[i], b, t, min_argmax_agreement,
+                                                     threshold=first_threshold if i == 0 else None))
     result.passed = bool(result.comparisons) and all(c.passed for c in result.comparisons)
     if not result.passed and not result.reason:
         bad = [f"{c.name}@batch{c.batch}" for c in result.comparisons if not c.passed]

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import typer
 
 from ..data.contract import InputContract, contract_from_metadata, finalize_contract, resolve_contract
@@ -29,28 +30,19 @@ LAYOUT = typer.Option(None, "--layout", help="Model input layout: nchw | nhwc (|
 SCALE = typer.Option(None, "--scale", help="Raw values are divided by S to reach [0, 1] (255 for 8-bit images). Guessed from the data's dtype/range.")
 MEAN = typer.Option(None, "--mean", help="Per-channel mean applied after scaling, e.g. 0.4914,0.4822,0.4465.")
 STD = typer.Option(None, "--std", help="Per-channel std applied after scaling, e.g. 0.247,0.243,0.261.")
-CONFIG = typer.Option(None, "--config", help="TOML file with layout/scale/mean/std (top level or an [input] table).")
+LOG_JSON = typer.Option(None, "--log-json", help="Write progress as JSON lines here: one object per stage, task and training epoch (loss, calibration scores).")
+CONFIG = typer.Option(None, "--config", help="TOML file with layout/scale/mean/std (top level or an \\[input] table).")
 
 
 def model_input_shape(model: str | os.PathLike) -> tuple[tuple, object]:
-    """(first input's shape, the ModelProto without external weights) of an ONNX file."""
-    import onnx
+    """(first input's shape, the ModelProto) of an ONNX file, read once through :func:`onnxrepair.io.read_model`
+    (so Git LFS pointers, missing external data and truncated files get the converters' messages here too)."""
+    from ..io import read_model
 
-    p = Path(model)
-    if not p.exists():
-        raise UsageError(f"{p}: no such file")
-    try:
-        proto = onnx.load(str(p), load_external_data=False)
-    except Exception as e:
-        raise ModelError(f"{p}: not a readable ONNX model: {type(e).__name__}") from e
-    inits = {i.name for i in proto.graph.initializer}
-    ins = [v for v in proto.graph.input if v.name not in inits]
-    if not ins:
-        raise ModelError(f"{p}: the model has no inputs")
-    dims = []
-    for d in ins[0].type.tensor_type.shape.dim:
-        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-    return tuple(dims), proto
+    info = read_model(model)
+    if not info.inputs:
+        raise ModelError(f"{model}: the model has no inputs")
+    return tuple(info.inputs[0].shape), info.model
 
 
 def build_contract(
@@ -100,8 +92,13 @@ def load_data(
     if path is None:
         raise UsageError("no data given (--data)")
     prot = [protected] if isinstance(protected, str) else protected
-    ds = load_dataset(path, split=split, target=target, protected=prot, limit=limit, seed=seed)
+    folder_size = None  # an image folder is decoded at the model's size (mixed sizes allowed, said in a note)
+    if contract is not None and Path(path).is_dir() and contract.image_shape and contract.layout in ("nchw", "nhwc"):
+        folder_size = tuple(int(v) for v in contract.image_shape[1:])
+    ds = load_dataset(path, split=split, target=target, protected=prot, limit=limit, seed=seed, resize=folder_size,
+                      encoding=contract.encoding if contract is not None else None)
     if contract is not None:
+        adopt_data(contract, ds)
         finalize_contract(contract, ds.x[:256])
         if ds.x.ndim == 4 and contract.image_shape and contract.layout in ("nchw", "nhwc"):
             want = tuple(contract.image_shape[1:])
@@ -109,6 +106,31 @@ def load_data(
                 contract.notes.append(f"images resized from {ds.x.shape[2]}x{ds.x.shape[3]} to the model's {want[0]}x{want[1]}")
                 ds.x = resize_images(ds.x, want)
     return ds
+
+
+def reporter(quiet: bool, log_json: Path | None, *inputs):
+    """The command's :class:`~onnxrepair.progress.Reporter`: stderr progress unless ``quiet``; ``--log-json`` lines
+    (never over an input)."""
+    from ..io import check_output_path
+    from ..progress import Reporter
+
+    if log_json is not None:
+        check_output_path(log_json, *inputs)
+    return Reporter(enabled=not quiet, log_json=str(log_json) if log_json is not None else None)
+
+
+def adopt_data(contract: InputContract, ds: ArrayDataset) -> None:
+    """What the loader decided becomes part of the contract: a CSV's column encoding (stored with a repaired model,
+    so evaluation encodes the same way) and its notes; flat rows of pixels (a headerless MNIST CSV) become images
+    when the model takes images of exactly that many values."""
+    if ds.encoding is not None and contract.encoding is None:
+        contract.encoding = ds.encoding
+    contract.notes += [n for n in ds.notes if n not in contract.notes]
+    if ds.x.ndim == 2 and contract.layout in ("nchw", "nhwc") and contract.image_shape and ds.x.shape[1] == int(np.prod(contract.image_shape)):
+        ds.x = ds.x.reshape(len(ds.x), *contract.image_shape)
+        if ds.x.size and float(ds.x.min()) >= 0 and float(ds.x.max()) <= 255 and np.all(ds.x == np.round(ds.x)) and float(ds.x.max()) > 1:
+            ds.x = ds.x.astype(np.uint8)  # whole numbers 0-255: 8-bit pixels
+        contract.notes.append(f"rows of {ds.x[0].size} values read as {'x'.join(map(str, contract.image_shape))} images (channel-first, row-major)")
 
 
 def parse_severities(spec: str) -> list[int]:
@@ -145,4 +167,4 @@ def parse_eps(spec: str | None) -> list[float]:
     return vals
 
 
-__all__ = ["LAYOUT", "SCALE", "MEAN", "STD", "CONFIG", "build_contract", "load_data", "parse_severities", "parse_eps", "Optional"]
+__all__ = ["LOG_JSON", "LAYOUT", "SCALE", "MEAN", "STD", "CONFIG", "build_contract", "load_data", "parse_severities", "parse_eps", "Optional"]

@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 
 from ..errors import UsageError
-from ..progress import Reporter
 from . import _options
 
 
@@ -23,7 +22,8 @@ def evaluate_cmd(
     corruptions: str = typer.Option("", "--corruptions", help="all | deeppatch | NAME,... (CIFAR-10-C names, DeepPatch transforms). Default: none."),
     severities: str = typer.Option("1-5", "--severities", help="Severities, e.g. 1-5 or 1,3,5."),
     blur: bool = typer.Option(True, "--blur/--no-blur", help="DeepPatch robustness accuracy (clean + 6 Gaussian blurs)."),
-    attacks: str = typer.Option("", "--attacks", help="fgsm,pgd,pgdl2,cw (or all); crafted white-box per model."),
+    attacks: str = typer.Option("", "--attacks", help="fgsm,pgd,pgdl2,cw (or all); crafted white-box per model (see --attack-source)."),
+    attack_source: str = typer.Option("each", "--attack-source", help="each: craft attacks on every model's own graph (white-box); first: craft once on the first model and score the same adversarial images on every model (transfer)."),
     eps: str = typer.Option("8/255", "--eps", help="L-inf budgets (pixel units), comma separated."),
     eps_l2: str = typer.Option("0.5", "--eps-l2", help="L2 budgets for pgdl2 / cw."),
     attack_steps: Optional[int] = typer.Option(None, "--attack-steps", help="Iterations for PGD/CW (default 10 / 50)."),
@@ -41,12 +41,14 @@ def evaluate_cmd(
     privileged: Optional[float] = typer.Option(None, "--privileged", help="Privileged value of --protected (default: the larger of two)."),
     unprivileged: Optional[float] = typer.Option(None, "--unprivileged", help="Unprivileged value of --protected (default: the other one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report to stdout instead of tables."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr (bars in a terminal, stage lines otherwise)."),
+    log_json: Optional[Path] = _options.LOG_JSON,
     layout: Optional[str] = _options.LAYOUT,
     scale: Optional[float] = _options.SCALE,
     mean: Optional[str] = _options.MEAN,
     std: Optional[str] = _options.STD,
-    config: Optional[Path] = _options.CONFIG,
+    config: Optional[List[Path]] = typer.Option(None, "--config", help="TOML file with layout/scale/mean/std (top level or an \\[input] table); once for every model, or once per model in their order. Unset: each model's own metadata, else a guess."),
+    find: bool = typer.Option(False, "--find-contract", help="Try the usual preprocessing (pixels in [0,1], [0,255], [-1,1]; ImageNet, CIFAR-10, MNIST mean/std; NCHW/NHWC) on 512 labelled images and use the best, per model (recorded in the report)."),
 ) -> None:
     """Clean, per-class, corruption (mCA), DeepPatch-robustness and adversarial accuracy on onnxruntime."""
     from ..evaluate import evaluate_models
@@ -58,6 +60,8 @@ def evaluate_cmd(
     # validate names before any work
     resolve_names(corruptions)
     resolve_attacks(attacks)
+    if attack_source not in ("each", "first"):
+        raise UsageError(f"--attack-source must be each or first, not {attack_source!r}")
     sev = _options.parse_severities(severities)
     if report is not None:
         check_output_path(report, *models)
@@ -69,8 +73,12 @@ def evaluate_cmd(
         raise UsageError(f"--protected needs tabular CSV data (with --target); {data} is not a .csv file")
     contracts = []
     ds = None
-    for m in models:
-        c = _options.build_contract(m, layout=layout, scale=scale, mean=mean, std=std, config=config)
+    configs = list(config or [])
+    if len(configs) not in (0, 1, len(models)):
+        raise UsageError(f"--config given {len(configs)} times for {len(models)} models: give it once for all, or once per model")
+    for i, m in enumerate(models):
+        cfg = configs[i] if len(configs) == len(models) else (configs[0] if configs else None)
+        c = _options.build_contract(m, layout=layout, scale=scale, mean=mean, std=std, config=cfg)
         if ds is None:
             ds = _options.load_data(data, c, target=target, split=split, protected=protected)
         contracts.append(c)
@@ -78,6 +86,14 @@ def evaluate_cmd(
 
     for c in contracts:
         finalize_contract(c, ds.x[:256])
+    searched = {}
+    if find:
+        if mean or std or layout or config:
+            raise UsageError("--find-contract searches layout and mean/std itself; leave out --layout/--mean/--std/--config (or drop --find-contract)")
+        from ..evaluate import find_contract
+
+        for i, m in enumerate(models):
+            contracts[i], searched[m.stem if m.stem not in searched else f"{m.stem}#{i + 1}"] = find_contract(m, ds, contracts[i], seed=seed, provider=provider)
     spec = None
     if protected is not None:
         from ..data.tabular import resolve_protected
@@ -90,9 +106,13 @@ def evaluate_cmd(
         corruptions=corruptions, severities=sev, blur=blur, attacks=attacks,
         eps=_options.parse_eps(eps), eps_l2=_options.parse_eps(eps_l2), attack_steps=attack_steps, attack_limit=attack_limit,
         limit=limit, batch_size=batch_size, provider=provider, device=device, seed=seed,
-        progress=Reporter(enabled=not quiet and not as_json),
+        progress=_options.reporter(quiet or as_json, log_json, *models), attack_source=attack_source,
     )  # fmt: skip
     d = rep.to_dict()
+    if searched:
+        d["contract_search"] = searched
+    for w in rep.warnings:
+        typer.secho(f"WARNING: {w}", err=True, fg="red", bold=True)
     if spec is not None:
         from ..fairness import evaluate_fairness
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 
 import typer
-from rich.console import Console
-from rich.table import Table
-
-from .. import methods as registry
 
 
 def _describe() -> list[dict]:
+    from .. import methods as registry  # imports torch: only when the command runs, not for --help
+
     out = []
     for spec in registry.available().values():
         opts = []
@@ -30,13 +29,22 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON t
     if as_json:
         typer.echo(json.dumps(desc, indent=2, default=str))
         return
-    table = Table(title="repair methods (onnxrepair repair MODEL --method NAME ...)")
-    for col in ("method", "task", "needs", "what it does", "options (default)"):
-        table.add_column(col, overflow="fold")
+    from rich.console import Console
+
+    from ..report import fmt_value
+
+    con = Console()
+    con.print("[bold]repair methods[/] (onnxrepair repair MODEL --method NAME [--option value ...])")
     for d in desc:
-        opts = "\n".join(f"{o['option']} ({o['default']})" for o in d["options"])
-        table.add_row(d["name"], d["task"], d["needs"], d["summary"], opts)
-    Console().print(table)
+        # one block per method: names never break at 80 columns, defaults read as they are typed
+        con.print()
+        con.print(f"[bold]{d['name']}[/]  ({d['task']}; needs {d['needs']})", highlight=False)
+        for line in (d["summary"], f"paper: {d['paper']}" if d["paper"] else ""):
+            if line:
+                con.print(textwrap.fill(line, width=max(40, con.width - 1), initial_indent="  ", subsequent_indent="    "), markup=False, highlight=False)
+        width = max((len(o["option"]) for o in d["options"]), default=0)
+        for o in d["options"]:
+            con.print(f"    {o['option']:<{width}}  {fmt_value(o['default'])}", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

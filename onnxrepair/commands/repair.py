@@ -13,9 +13,7 @@ from typing import Optional
 
 import typer
 
-from .. import methods as registry
 from ..errors import UsageError
-from ..progress import Reporter
 from . import _options
 
 
@@ -66,7 +64,8 @@ def repair_cmd(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 4GB (default: what the process holds + half of what is available, said in the log). Sizes the stacked and captured passes; results do not depend on it. Exit 2, before any training, when a stage cannot fit even one sample."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset of the repaired file (default: the original's where an exporter writes it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON to stdout instead of a table."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr (bars in a terminal, stage lines otherwise)."),
+    log_json: Optional[Path] = _options.LOG_JSON,
     layout: Optional[str] = _options.LAYOUT,
     scale: Optional[float] = _options.SCALE,
     mean: Optional[str] = _options.MEAN,
@@ -74,6 +73,7 @@ def repair_cmd(
     config: Optional[Path] = _options.CONFIG,
 ) -> None:
     """Repair MODEL with a registered method; write OUT.onnx only if it keeps clean accuracy."""
+    from .. import methods as registry  # imports torch: only when the command runs, not for --help
     from ..repair import repair
 
     spec = registry.get(method)
@@ -87,8 +87,8 @@ def repair_cmd(
         model, method, train, output=output, val=val_ds, contract=contract, config=cfg,
         max_accuracy_drop=max_accuracy_drop, force=force, protected=protected, privileged=privileged, unprivileged=unprivileged,
         eval_corruptions=tuple(s for s in eval_corruptions.split(",") if s) if eval_corruptions else None,
-        provider=provider, device=device, seed=seed, report_path=report, max_memory=max_memory, progress=Reporter(enabled=not quiet),
-        opset=opset,
+        provider=provider, device=device, seed=seed, report_path=report, max_memory=max_memory,
+        progress=_options.reporter(quiet, log_json, model), opset=opset,
     )
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
@@ -113,6 +113,16 @@ def _metric_rows(m: dict) -> dict[str, float]:
     return rows
 
 
+_DIFFERENCES = ("spd", "aaod", "eod", "abs_spd", "abs_eod")  # group differences: shown as numbers, as evaluate shows them
+
+
+def _metric_cells(key: str, before: float, after: float) -> tuple[str, str, str, str]:
+    """A row as evaluate prints it: accuracies and rates in percent (change in points), differences as numbers."""
+    if key in _DIFFERENCES:
+        return key, f"{before:+.4f}" if key in ("spd", "eod") else f"{before:.4f}", f"{after:+.4f}" if key in ("spd", "eod") else f"{after:.4f}", f"{after - before:+.4f}"
+    return f"{key} (%)", f"{100 * before:.2f}", f"{100 * after:.2f}", f"{100 * (after - before):+.2f} pts"
+
+
 def print_repair_result(res) -> None:
     """Before/after table on stdout; the last line says PASSED/FAILED like a validation tool."""
     from rich.console import Console
@@ -124,12 +134,12 @@ def print_repair_result(res) -> None:
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
+    table.add_column("change", justify="right")  # percentages change in points; group differences (SPD, AAOD, EOD) as numbers
     for k in [k for k in b if k in a]:
         if isinstance(b[k], int):  # counts (rows per group): no change to show
             table.add_row(k, str(b[k]), str(a[k]), "")
             continue
-        table.add_row(k, f"{float(b[k]):.4f}", f"{float(a[k]):.4f}", f"{float(a[k]) - float(b[k]):+.4f}")
+        table.add_row(*_metric_cells(k, float(b[k]), float(a[k])))
     console.print(table)
     for line in res.summary:  # the method's own lines: the CLI does not know the method
         console.print(line)
@@ -147,6 +157,8 @@ def print_repair_result(res) -> None:
     if res.latency_ms:
         lr = res.latency_ms["ratio"]
         console.print("latency repaired/original on onnxruntime: " + ", ".join(f"{k} {v:.2f}x" for k, v in lr.items()))
+        for note in res.latency_ms.get("notes", []):
+            console.print(f"note: {note}", markup=False, highlight=False)
     console.print("PASSED" if res.written else "FAILED")
 
 

@@ -12,9 +12,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:  # torch loads on first use: `onnxrepair --help` and data loading need none of it
+    import torch
+    from torch import nn
 
 METADATA_KEY = "onnxrepair.input_contract"
 LAYOUTS = ("nchw", "nhwc", "flat", "tabular")
@@ -30,6 +34,7 @@ class InputContract:
     source: str = "default"  # flags | config | metadata | guessed | default: where the contract came from
     notes: list[str] = field(default_factory=list)
     guessed: tuple[str, ...] = ()  # fields that were guessed (finalised from the data by finalize_contract)
+    encoding: dict | None = None  # CSV: raw columns -> features (one-hot, dropped, label values); stored with the model
 
     @property
     def is_image(self) -> bool:
@@ -37,6 +42,8 @@ class InputContract:
 
     def to_unit(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Raw data in the dataset's channel-first form -> float32 in [0, 1] (images) or as-is (tabular)."""
+        import torch
+
         t = torch.as_tensor(np.asarray(raw)) if not isinstance(raw, torch.Tensor) else raw
         t = t.to(torch.float32)
         if self.scale != 1.0:
@@ -45,6 +52,8 @@ class InputContract:
 
     def to_model(self, unit: torch.Tensor) -> torch.Tensor:
         """Unit NCHW (or tabular rows) -> the tensor the model takes. Differentiable."""
+        import torch
+
         if not self.is_image:
             return unit
         x = unit
@@ -61,6 +70,8 @@ class InputContract:
         return x.contiguous()
 
     def module(self) -> nn.Module:
+        from ._torch_contract import _Preprocess
+
         return _Preprocess(self)
 
     def key(self) -> tuple:
@@ -75,6 +86,8 @@ class InputContract:
         d = asdict(self)
         d.pop("notes")
         d.pop("guessed")
+        if d.get("encoding") is None:
+            d.pop("encoding")  # contracts without one read as before
         return json.dumps(d)
 
     @classmethod
@@ -140,26 +153,14 @@ class NumpyFeeder:
         return out
 
 
-class _Preprocess(nn.Module):
-    def __init__(self, contract: InputContract) -> None:
-        super().__init__()
-        self.contract = contract
+def __getattr__(name: str):
+    """``ModelWithContract`` and ``_Preprocess`` are torch modules, defined in :mod:`._torch_contract` so that
+    importing the contract does not import torch."""
+    if name in ("ModelWithContract", "_Preprocess"):
+        from . import _torch_contract
 
-    def forward(self, unit: torch.Tensor) -> torch.Tensor:
-        return self.contract.to_model(unit)
-
-
-class ModelWithContract(nn.Module):
-    """unit-NCHW input -> model output; what attacks and training differentiate through."""
-
-    def __init__(self, model: nn.Module, contract: InputContract) -> None:
-        super().__init__()
-        self.model = model
-        self.contract = contract
-
-    def forward(self, unit: torch.Tensor) -> torch.Tensor:
-        out = self.model(self.contract.to_model(unit))
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return getattr(_torch_contract, name)
+    raise AttributeError(name)
 
 
 def parse_floats(s: str | Sequence[float] | None) -> tuple[float, ...] | None:
@@ -359,7 +360,9 @@ def resolve_contract(
         image_shape=tuple(int(v) for v in image_shape) if image_shape is not None else None,
         source=source,
         notes=notes,
-        guessed=tuple(k for k, v in sources.items() if v == "guessed"),
+        # mean/std left unset on an image model count as guessed ("no normalisation"): evaluate warns when that guess scores near chance
+        guessed=tuple(k for k, v in sources.items() if v == "guessed") + (("mean", "std") if lay != "tabular" and mean_v is None and std_v is None and sources["mean"] is None and sources["std"] is None else ()),
+        encoding=metadata.encoding if metadata is not None else None,
     )
 
 

@@ -21,6 +21,8 @@ class ArrayDataset:
     columns: list[str] | None = None  # tabular feature names, in model order
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # per-row side columns (e.g. protected attributes)
     name: str = ""
+    encoding: dict | None = None  # CSV: how raw columns became features (onnxrepair.data.tabular.plan_encoding)
+    notes: list[str] = field(default_factory=list)  # what the loader decided (headerless, one-hot, dropped columns)
 
     def __post_init__(self) -> None:
         if self.y is not None and len(self.y) != len(self.x):

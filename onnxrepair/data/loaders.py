@@ -11,7 +11,8 @@
   rebuilds numpy arrays, so a hostile pickle cannot run code;
 * MNIST IDX files (``*-images-idx3-ubyte[.gz]`` with their ``*-labels-idx1-ubyte[.gz]`` beside them,
   or a folder holding them);
-* ``*.csv`` → :func:`onnxrepair.data.tabular.load_csv` (tabular data, owned by that module).
+* ``*.csv`` / ``*.csv.gz`` → :func:`onnxrepair.data.tabular.load_csv` (tabular data; headerless files take the
+  last column as the label; text columns are one-hot encoded).
 
 ``resize=(H, W)`` resizes images to the model's spatial size (Pillow bilinear for files, torch bilinear
 for arrays); the dtype stays what it was (uint8 stays uint8).
@@ -25,6 +26,9 @@ import logging
 import os
 import pickle
 import struct
+import zipfile
+import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -48,16 +52,18 @@ def load_dataset(
     protected: Sequence[str] | None = None,
     limit: int | None = None,
     seed: int = 0,
+    encoding: dict | None = None,
 ) -> ArrayDataset:
     """Load ``path`` (see the module docstring). ``split`` ("train"/"test") picks a part where the source has
-    several; ``limit`` keeps a random stratified subset of that many rows."""
+    several; ``limit`` keeps a random stratified subset of that many rows; ``encoding`` (CSV) is the column
+    encoding a repaired model stored (:func:`onnxrepair.data.tabular.plan_encoding`), applied instead of a new one."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{p}: no such file or directory")
     name = p.name.lower()
     try:
         if p.is_file() and name.endswith((".csv", ".csv.gz")):
-            ds = _load_csv(p, target, protected)
+            ds = _load_csv(p, target, protected, encoding)
         elif p.is_file() and name.endswith(".npz"):
             ds = load_npz(p)
         elif _is_idx(p):
@@ -72,7 +78,9 @@ def load_dataset(
             raise DataError(f"{p}: unknown data format; expected .npz, .csv, an image folder root/<class>/*.jpg, CIFAR python batches or MNIST IDX files")
     except (DataError, UsageError):
         raise
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError, struct.error, KeyError) as e:
+    except zipfile.BadZipFile as e:  # a damaged or truncated .npz is bad data, not an internal error
+        raise DataError(f"{p}: not a readable .npz (damaged or truncated zip archive: {e})") from e
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, struct.error, KeyError, zlib.error) as e:
         raise DataError(f"{p}: cannot read the data: {type(e).__name__}: {e}") from e
     if len(ds) == 0:
         raise DataError(f"{p}: the dataset is empty")
@@ -132,48 +140,83 @@ def _labels(y: np.ndarray | None, path) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- image folder
 
 
+def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], Counter]:
+    """(classes, [(file, class index)], Counter of (width, height, mode)) of ``root/<class>/*``, reading only image
+    headers. Refuses what is not an image folder: files that are not images (hidden files aside), images lying
+    in ``root`` itself, empty class folders, files Pillow cannot identify."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = sorted(f.name for f in root.iterdir() if f.is_file() and not f.name.startswith("."))
+    if not classes:
+        extra = f" (found {len(loose)} file(s) in it, e.g. {loose[0]}; put them in root/<class>/)" if loose else ""
+        raise DataError(f"{root}: no class folders (expected root/<class>/*.jpg|png){extra}")
+    loose_imgs = [f for f in loose if Path(f).suffix.lower() in IMAGE_EXTS]
+    if loose_imgs:
+        raise DataError(f"{root}: {len(loose_imgs)} image(s) lie beside the class folders (e.g. {loose_imgs[0]}); "
+                        "an image folder holds images only inside root/<class>/")
+    files: list[tuple[Path, int]] = []
+    sizes: Counter = Counter()
+    for i, c in enumerate(classes):
+        entries = sorted(f for f in (root / c).iterdir() if not f.name.startswith("."))
+        others = [f for f in entries if f.is_dir() or f.suffix.lower() not in IMAGE_EXTS]
+        if others:
+            raise DataError(f"{root / c}: {len(others)} entr{'y is' if len(others) == 1 else 'ies are'} not image files (e.g. {others[0].name}); "
+                            f"an image folder holds only {', '.join(IMAGE_EXTS)} files in root/<class>/")
+        if not entries:
+            raise DataError(f"{root / c}: class folder {c!r} holds no images")
+        for f in entries:
+            try:
+                with Image.open(f) as im:  # reads the header only
+                    sizes[(im.size[0], im.size[1], im.mode)] += 1
+            except (UnidentifiedImageError, OSError) as e:
+                raise DataError(f"{f}: not a readable image ({type(e).__name__})") from None
+            files.append((f, i))
+    return classes, files, sizes
+
+
 def load_image_folder(root: Path, *, resize: tuple[int, int] | None = None, mode: str | None = None) -> ArrayDataset:
     """``root/<class>/*.jpg|png``: classes sorted by name; all images decoded to one uint8 array.
 
     ``mode`` "L" or "RGB"; by default grayscale only when every image is grayscale. Images of different sizes
-    need ``resize``.
+    need ``resize``; sizes are checked from the headers before anything is decoded. ``ds.notes`` says which
+    class folders and how many images were found.
     """
     from PIL import Image
 
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(f"{root}: no class folders (expected root/<class>/*.jpg|png)")
-    files: list[tuple[Path, int]] = []
-    for i, c in enumerate(classes):
-        files += [(f, i) for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_EXTS]
-    if not files:
-        raise DataError(f"{root}: no images found in {len(classes)} class folders")
-    imgs = []
-    gray = True
-    for f, _ in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                imgs.append(im.copy())
-        except Exception as e:
-            raise DataError(f"{f}: cannot decode image: {e}") from e
-        gray = gray and imgs[-1].mode in ("L", "1", "I;16", "I")
+    classes, files, sizes = scan_image_folder(root)
+    per_class = Counter(lab for _, lab in files)
+    shown = ", ".join(f"{c} ({per_class[i]})" for i, c in enumerate(classes[:12])) + (f", ... ({len(classes)} in all)" if len(classes) > 12 else "")
+    dims = Counter({(w, h): 0 for w, h, _ in sizes})
+    for (w, h, _), k in sizes.items():
+        dims[(w, h)] += k
+    if len(dims) > 1 and resize is None:
+        common = ", ".join(f"{w}x{h} ({k})" for (w, h), k in dims.most_common(4))
+        raise DataError(f"{root}: images of {len(dims)} sizes ({common}); they need resizing to the model's input size")
+    gray = all(m in ("L", "1", "I;16", "I") for _, _, m in sizes)
     mode = mode or ("L" if gray else "RGB")
     size = None if resize is None else (int(resize[1]), int(resize[0]))  # PIL takes (W, H)
-    first = imgs[0].convert(mode)
-    w, h = size or first.size
+    w, h = size or next(iter(dims))
     c = 1 if mode == "L" else 3
-    x = np.empty((len(imgs), c, h, w), dtype=np.uint8)
-    for i, im in enumerate(imgs):
-        im = im.convert(mode)
-        if im.size != (w, h):
-            if size is None:
-                raise DataError(f"{files[i][0]}: image is {im.size[0]}x{im.size[1]} but others are {w}x{h}; pass a resize")
-            im = im.resize((w, h), Image.BILINEAR)
-        a = np.asarray(im, dtype=np.uint8)
+    x = np.empty((len(files), c, h, w), dtype=np.uint8)
+    for i, (f, _) in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+        except Exception as e:
+            raise DataError(f"{f}: cannot decode image: {e}") from e
         x[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     y = np.array([lab for _, lab in files], dtype=np.int64)
-    return ArrayDataset(x=x, y=y, classes=classes, name=root.name)
+    sz = ", ".join(f"{ww}x{hh}" for ww, hh in dims)
+    notes = [f"image folder {root}: {len(classes)} class folder(s): {shown}; {len(files)} images of {sz} ({mode})"]
+    if size is not None and any(d != size for d in dims):
+        notes.append(f"images resized to the model's {h}x{w}")
+    if len(classes) == 1:
+        notes.append(f"only one class folder in {root}: is this the folder above the class folders?")
+    return ArrayDataset(x=x, y=y, classes=classes, name=root.name, notes=notes)
 
 
 # ----------------------------------------------------------------------------- CIFAR python batches
@@ -294,12 +337,12 @@ def load_idx(p: Path, split: str | None = None) -> ArrayDataset:
 # ----------------------------------------------------------------------------- CSV (tabular)
 
 
-def _load_csv(p: Path, target: str | None, protected: Sequence[str] | None) -> ArrayDataset:
+def _load_csv(p: Path, target: str | None, protected: Sequence[str] | None, encoding: dict | None = None) -> ArrayDataset:
     try:
         from . import tabular  # owned by the fairness work
     except ImportError:
         raise UsageError(f"{p}: CSV data needs onnxrepair.data.tabular, which is not available") from None
-    return tabular.load_csv(p, target=target, protected=list(protected) if protected else None)
+    return tabular.load_csv(p, target=target, protected=list(protected) if protected else None, encoding=encoding)
 
 
 # ----------------------------------------------------------------------------- helpers

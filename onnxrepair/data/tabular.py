@@ -44,66 +44,223 @@ PROTECTED_PREFIX = "protected:"
 
 
 # --------------------------------------------------------------------------- reading
+MAX_ONEHOT = 32  # a text column with more distinct values is an identifier, a date or free text: dropped, said in a note
+
+
+def _read_rows(p: Path) -> list[list[str]]:
+    """All non-empty rows of a CSV file, plain or gzip-compressed (by content, not by name), with the delimiter
+    sniffed among , ; tab | (Adult's ", " included: spaces after a delimiter are skipped)."""
+    import gzip
+    import io
+
+    raw = p.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{p}: a damaged gzip file ({e})") from None
+    if b"\x00" in raw[:4096]:
+        raise DataError(f"{p}: not a text CSV (binary content)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # every byte decodes; a CSV of European names often is Latin-1
+    head = "\n".join(text.splitlines()[:20])
+    try:
+        delim = csv.Sniffer().sniff(head, delimiters=",;\t|").delimiter
+    except csv.Error:
+        delim = ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, skipinitialspace=True)
+    return [[c.strip() for c in r] for r in reader if r and any(c.strip() for c in r)]
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def plan_encoding(header: list[str], rows: list[list[str]], target: str, *, headerless: bool) -> dict | None:
+    """How raw CSV columns become features: numeric columns as they are, text columns one-hot (``col=value``,
+    sorted values), columns that cannot be features dropped with the reason; a text target mapped to class
+    indices (sorted values). None when every column is numeric and complete (the CSV is used as it is)."""
+    col = {h: i for i, h in enumerate(header)}
+    features, dropped = [], {}
+    for h in header:
+        if h == target:
+            continue
+        vals = [r[col[h]] for r in rows]
+        filled = [v for v in vals if v != ""]
+        if filled and all(_is_number(v) for v in filled):
+            if len(filled) < len(vals):
+                dropped[h] = f"{len(vals) - len(filled)} missing value(s)"
+            else:
+                features.append({"column": h, "kind": "numeric"})
+            continue
+        distinct = sorted(set(vals))
+        if len(distinct) > MAX_ONEHOT:
+            dropped[h] = f"{len(distinct)} distinct text values (an identifier, a date or free text?)"
+        else:
+            features.append({"column": h, "kind": "onehot", "values": distinct})
+    tv = [r[col[target]] for r in rows]
+    labels = None if all(_is_number(v) for v in tv) else sorted(set(tv))
+    if not dropped and labels is None and all(f["kind"] == "numeric" for f in features) and not headerless:
+        return None
+    return {"columns": header, "headerless": headerless, "target": target, "features": features, "dropped": dropped, "labels": labels}
+
+
+def _encode(p: Path, header: list[str], rows: list[list[str]], enc: dict) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
+    """(x, feature names, y, notes) of ``rows`` under ``enc`` (see :func:`plan_encoding`)."""
+    col = {h: i for i, h in enumerate(header)}
+    missing = [f["column"] for f in enc["features"] if f["column"] not in col] + ([enc["target"]] if enc["target"] not in col else [])
+    if missing:
+        raise DataError(f"{p}: columns the model's encoding needs are missing: {', '.join(missing)}")
+    parts, names, notes = [], [], []
+    for f in enc["features"]:
+        vals = [r[col[f["column"]]] for r in rows]
+        if f["kind"] == "numeric":
+            try:
+                parts.append(np.array([float(v) for v in vals], dtype=np.float64)[:, None])
+            except ValueError:
+                bad = next(v for v in vals if not _is_number(v))
+                raise DataError(f"{p}: column {f['column']!r} must be numeric (as in the data the encoding was made from); found {bad!r}") from None
+            names.append(f["column"])
+        else:
+            arr = np.asarray(vals, dtype=object)
+            parts.append(np.stack([(arr == v) for v in f["values"]], axis=1).astype(np.float64))
+            names += [f"{f['column']}={v}" for v in f["values"]]
+            unseen = int((~np.isin(arr, f["values"])).sum())
+            if unseen:
+                notes.append(f"column {f['column']!r}: {unseen} row(s) hold values not in the encoding (all zeros)")
+    x = np.concatenate(parts, axis=1) if parts else np.empty((len(rows), 0))
+    tv = [r[col[enc["target"]]] for r in rows]
+    if enc.get("labels"):
+        idx = {v: i for i, v in enumerate(enc["labels"])}
+        unknown = sorted(set(tv) - set(idx))
+        if unknown:
+            raise DataError(f"{p}: target {enc['target']!r} holds values the encoding does not know: {', '.join(unknown[:5])}")
+        y = np.array([idx[v] for v in tv], dtype=np.float64)
+    else:
+        try:
+            y = np.array([float(v) for v in tv], dtype=np.float64)
+        except ValueError:
+            raise DataError(f"{p}: target {enc['target']!r} must be numeric here (as in the data the encoding was made from)") from None
+    return x, names, y, notes
+
+
+def encoding_notes(enc: dict) -> list[str]:
+    out = []
+    if enc.get("headerless"):
+        out.append(f"headerless CSV: columns numbered 0..{len(enc['columns']) - 1}; the label is column {enc['target']} (the last, unless --target says otherwise)")
+    hot = [f"{f['column']} ({len(f['values'])})" for f in enc["features"] if f["kind"] == "onehot"]
+    if hot:
+        out.append("text columns one-hot encoded (values): " + ", ".join(hot))
+    for c, why in enc.get("dropped", {}).items():
+        out.append(f"column {c!r} dropped: {why}")
+    if enc.get("labels"):
+        out.append(f"target {enc['target']!r}: " + ", ".join(f"{i} = {v}" for i, v in enumerate(enc["labels"])))
+    return out
+
+
 def load_csv(
     path: str | os.PathLike,
-    target: str,
+    target: str | None = None,
     protected: Sequence[str] | None = None,
     feature_columns: Sequence[str] | None = None,
+    encoding: dict | None = None,
 ) -> ArrayDataset:
-    """Read a numeric CSV with a header into an :class:`ArrayDataset`.
+    """Read a CSV (plain or gzip; delimiter , ; tab or |) into an :class:`ArrayDataset`.
 
-    ``x`` is float32 (N, F) in ``feature_columns`` order (default: every column except ``target``,
-    in file order); ``y`` is int64 class indices taken from ``target`` (non-negative integers);
-    each protected column is checked (present, not constant) and copied to
-    ``extra["protected:<col>"]``. Raises :class:`DataError` with a one-line reason otherwise.
+    A first row that is all numbers means there is no header: columns are named ``0``..``n-1`` and the label
+    is the last one unless ``target`` names another. Otherwise ``target`` is required (the message lists the
+    columns). Text columns are one-hot encoded and columns that cannot be features are dropped
+    (:func:`plan_encoding`); the encoding is returned in ``ds.encoding`` so a repaired model can store it and
+    evaluation can apply the same (pass it as ``encoding``). ``x`` is float32 (N, F) in ``feature_columns``
+    order (default: the encoded columns in file order); ``y`` int64 class indices. Each protected column is
+    checked (present, not constant) and copied to ``extra["protected:<col>"]``.
     """
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{p}: no such file")
-    with open(p, newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise DataError(f"{p}: empty CSV (no header row)") from None
-        rows = [r for r in reader if r and any(c.strip() for c in r)]
-    if len(set(header)) != len(header):
-        dup = sorted(k for k, v in Counter(header).items() if v > 1)
-        raise DataError(f"{p}: duplicate column names: {', '.join(dup)}")
+    rows = _read_rows(p)
+    if not rows:
+        raise DataError(f"{p}: empty CSV (no header row)")
+    headerless = encoding["headerless"] if encoding is not None else all(_is_number(c) for c in rows[0])
+    if headerless:
+        header = [str(i) for i in range(len(rows[0]))]
+    else:
+        header, rows = rows[0], rows[1:]
+    renamed = []
+    if len(set(header)) != len(header):  # raw COMPAS repeats decile_score and priors_count: number them as pandas does
+        seen: Counter = Counter()
+        for i, h in enumerate(header):
+            if seen[h]:
+                header[i] = f"{h}.{seen[h]}"
+                renamed.append(header[i])
+            seen[h] += 1
+    if target is None:
+        if encoding is not None:
+            target = encoding["target"]
+        elif headerless:
+            target = header[-1]
+        else:
+            raise DataError(f"{p}: which column is the label? give --target COLUMN; columns: {', '.join(header)} "
+                            f"(the label is often the last: --target {header[-1]})")
     if target not in header:
         raise DataError(f"{p}: target column {target!r} not found; columns: {', '.join(header)}")
-    feats = list(feature_columns) if feature_columns is not None else [h for h in header if h != target]
-    missing = [c for c in feats if c not in header]
-    if missing:
-        raise DataError(f"{p}: feature columns not in the CSV: {', '.join(missing)}")
-    if target in feats:
-        raise DataError(f"{p}: the target {target!r} cannot also be a feature column")
     if not rows:
         raise DataError(f"{p}: no data rows")
-    bad = [i + 2 for i, r in enumerate(rows) if len(r) != len(header)]
+    bad = [i + 1 + (not headerless) for i, r in enumerate(rows) if len(r) != len(header)]
     if bad:
         raise DataError(f"{p}: {len(bad)} row(s) do not have {len(header)} fields (first at line {bad[0]})")
-    try:
-        table = np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
-    except ValueError as e:
-        raise DataError(f"{p}: every value must be numeric (encode categoricals first): {e}") from None
-    if not np.isfinite(table).all():
-        i, j = np.argwhere(~np.isfinite(table))[0]
-        raise DataError(f"{p}: non-finite value in column {header[j]!r} at line {i + 2}")
-    col = {h: i for i, h in enumerate(header)}
-    yv = table[:, col[target]]
+    enc = encoding if encoding is not None else plan_encoding(header, rows, target, headerless=headerless)
+    notes: list[str] = []
+    if enc is None:
+        try:
+            table = np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
+        except ValueError as e:  # pragma: no cover (plan_encoding found every column numeric)
+            raise DataError(f"{p}: every value must be numeric: {e}") from None
+        cols_all = list(header)
+        colidx = {h: i for i, h in enumerate(header)}
+        yv = table[:, colidx[target]]
+        x_all = np.delete(table, colidx[target], axis=1)
+        names = [h for h in header if h != target]
+    else:
+        x_all, names, yv, extra_notes = _encode(p, header, rows, enc)
+        notes = encoding_notes(enc) + extra_notes
+        cols_all = names
+    if not np.isfinite(x_all).all():
+        i, j = np.argwhere(~np.isfinite(x_all))[0]
+        raise DataError(f"{p}: non-finite value in column {names[j]!r} at data row {i + 1}")
+    feats = list(feature_columns) if feature_columns is not None else names
+    missing = [c for c in feats if c not in names]
+    if target in feats:
+        raise DataError(f"{p}: the target {target!r} cannot also be a feature column")
+    if missing:
+        raise DataError(f"{p}: feature columns not in the CSV: {', '.join(missing)}")
     if (yv != np.round(yv)).any() or (yv < 0).any():
-        raise DataError(f"{p}: target {target!r} must hold non-negative integer class indices")
+        raise DataError(f"{p}: target {target!r} must hold non-negative integer class indices (or text labels)")
     y = yv.astype(np.int64)
-    x = table[:, [col[c] for c in feats]].astype(np.float32)
-    ds = ArrayDataset(x=x, y=y, columns=feats, name=p.stem)
+    x = x_all[:, [names.index(c) for c in feats]].astype(np.float32)
+    ds = ArrayDataset(x=x, y=y, columns=feats, name=p.name.split(".")[0], classes=list(enc["labels"]) if enc and enc.get("labels") else None)
+    if renamed:
+        notes.append(f"repeated column names numbered: {', '.join(renamed)}")
+    ds.encoding, ds.notes = enc, notes
     for c in protected or []:
         if c not in feats:
-            raise DataError(f"{p}: protected column {c!r} is not a feature column; columns: {', '.join(feats)}")
+            hot = [n for n in feats if n.startswith(f"{c}=")]
+            if hot:
+                raise DataError(f"{p}: protected column {c!r} is text, one-hot encoded as {', '.join(hot)}; "
+                                f"name one of those (e.g. --protected '{hot[0]}')")
+            why = (enc or {}).get("dropped", {}).get(c)
+            raise DataError(f"{p}: protected column {c!r} is not a feature column" + (f" (dropped: {why})" if why else f"; columns: {', '.join(feats)}"))
         v = x[:, feats.index(c)]
         if np.unique(v).size < 2:
             raise DataError(f"{p}: protected column {c!r} is constant ({v[0]:g}); it cannot define two groups")
         ds.extra[PROTECTED_PREFIX + c] = v.copy()
+    del cols_all
     return ds
 
 
