@@ -32,6 +32,7 @@ from .data.contract import METADATA_KEY, InputContract
 from .data.dataset import ArrayDataset
 from .errors import DataError, UsageError, ValidationFailed
 from .io import atomic_path, check_output_path, read_model, write_json_atomic
+from .memory import Memory, activation_cost, format_size
 from .data.protected import ProtectedSpec
 from .methods import MethodOutput, RepairInputs
 from .nn import first_output, looks_like_probabilities, pick_device
@@ -63,6 +64,7 @@ class RepairResult:
     summary: list[str] = field(default_factory=list)  # the method's own lines (MethodOutput.summarise)
     environment: dict[str, Any] = field(default_factory=dict)  # device, provider really used, GPU, versions
     export: dict[str, Any] = field(default_factory=dict)  # opset kept, node counts, conversion passes, notes
+    memory: dict[str, Any] = field(default_factory=dict)  # budget, peak resident memory per stage, how passes were sized
     version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +131,7 @@ class Prepared:
     protected: ProtectedSpec | None
     timings: dict[str, float] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
+    memory: Memory | None = None  # the budget and the per-stage meter (also ``inputs.memory``)
 
 
 def prepare(
@@ -146,11 +149,14 @@ def prepare(
     unprivileged: float | None = None,
     device: str = "auto",
     seed: int = 0,
+    max_memory: int | str | None = None,
     progress: Reporter = SILENT,
 ) -> Prepared:
     """Stage 1: convert the model (parsed once), resolve the input contract, check the data fits, split it into
     train / calibration / held-out (``splits`` gives them explicitly, as the benches do), resolve the protected
-    attribute, and load the method's declared extra inputs."""
+    attribute, and load the method's declared extra inputs. ``max_memory`` (bytes or "4GB"; None: a safe share of
+    what is available, said in the log) is the budget the method sizes its passes by; the per-sample activation cost
+    of the model is measured here, once."""
     import converters
 
     t0 = time.perf_counter()
@@ -159,9 +165,18 @@ def prepare(
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = pick_device(device)
-    loaded = read_model(model_path)  # the one parse of the file (shared with the CLI's contract step)
-    converted = converters.convert(loaded)
+    mem = Memory(max_memory, dev)  # said in the log when the method starts (errors before it stay one line)
+    with mem.stage("convert"):
+        loaded = read_model(model_path)  # the one parse of the file (shared with the CLI's contract step)
+        converted = converters.convert(loaded)
     timings = {"convert": time.perf_counter() - t0}
+    with mem.stage("prepare"):
+        return _prepare_rest(model_path, method, spec, cfg, loaded, converted, train, val, splits, contract, protected, privileged,
+                             unprivileged, dev, seed, progress, mem, timings, t0)
+
+
+def _prepare_rest(model_path, method, spec, cfg, loaded, converted, train, val, splits, contract, protected, privileged, unprivileged,
+                  dev, seed, progress, mem: Memory, timings, t0) -> Prepared:
     if contract is None:
         from .data.contract import contract_from_metadata, finalize_contract, resolve_contract
 
@@ -186,9 +201,35 @@ def prepare(
     gm = converted.gm
     kind = _output_kind(gm, contract, tr, dev, loaded.output_source_op)
     extras = _load_extras(spec, cfg, gm, contract, tr)
+    mem.cost = _activation_cost(gm, contract, tr, dev)
     inputs = RepairInputs(model=gm, contract=contract, train=tr, calib=calib, output_kind=kind, device=dev, seed=seed,
-                          progress=progress, protected=pspec, extras=extras)
-    return Prepared(Path(model_path), converted, spec, cfg, contract, tr, calib, heldout, inputs, pspec, timings, t0)
+                          progress=progress, protected=pspec, extras=extras, memory=mem)
+    return Prepared(Path(model_path), converted, spec, cfg, contract, tr, calib, heldout, inputs, pspec, timings, t0, memory=mem)
+
+
+def _activation_cost(gm, contract: InputContract, data: ArrayDataset, device: torch.device):
+    """The model's per-sample activation memory (:func:`onnxrepair.memory.activation_cost`) on two training rows;
+    None (and the budget sizes nothing) when the graph cannot be interpreted node by node."""
+    try:
+        x = contract.to_model(contract.to_unit(data.x[:2])).to(device)
+        return activation_cost(gm.to(device).eval(), x)
+    except Exception as e:  # noqa: BLE001 - a measurement must not stop a repair
+        log.warning("could not measure the model's activation memory (%s: %s); passes keep their configured sizes", type(e).__name__, e)
+        return None
+
+
+def _preflight(prep: Prepared) -> None:
+    """Before the method starts: a method that trains with ``batch_size`` must fit one training batch in the budget
+    (activations autograd keeps, plus gradients and momentum of every weight at most), or the repair stops here,
+    having written nothing, with the budget that would work."""
+    mem, cfg = prep.memory, prep.config
+    bs = getattr(cfg, "batch_size", None)
+    if mem is None or mem.cost is None or not isinstance(bs, int) or bs < 1:
+        return
+    params = sum(p.numel() * p.element_size() for p in prep.inputs.model.parameters())
+    per = mem.cost.saved + mem.cost.peak_live
+    mem.require({f"{prep.spec.name} training": (int(mem.margin * bs * per) + 3 * params,
+                                                 f"a training batch of {bs}; a smaller --batch-size needs less")})
 
 
 def _load_extras(spec, cfg, gm, contract: InputContract, train: ArrayDataset) -> dict[str, Any]:
@@ -213,7 +254,13 @@ def run(prep: Prepared) -> MethodOutput:
     """Stage 2: the method, on the prepared inputs; the held-out split never reaches it."""
     t = time.perf_counter()
     prep.inputs.progress.stage(f"repair with {prep.spec.name}", f"{prep.model_path.name} on {len(prep.train)} training rows ({prep.inputs.device.type})")
-    result = prep.spec.fn(prep.inputs, prep.config)
+    if prep.memory is not None:
+        budget = f"memory budget {format_size(prep.memory.limit)} ({prep.memory.source})"
+        prep.inputs.progress.log(budget)
+        log.info(budget)
+    _preflight(prep)
+    with _stage(prep, "method"):
+        result = prep.spec.fn(prep.inputs, prep.config)
     result.model.eval()
     prep.timings["method"] = time.perf_counter() - t
     return result
@@ -235,7 +282,8 @@ def export(prep: Prepared, result: MethodOutput, exporter: str = "auto", opset: 
         METADATA_KEY: contract.to_json(),
     }
     dev = prep.inputs.device
-    exported = export_like(prep.converted, result.model.to("cpu"), [example], extra_metadata=meta, exporter=exporter, opset=opset)
+    with _stage(prep, "export"):
+        exported = export_like(prep.converted, result.model.to("cpu"), [example], extra_metadata=meta, exporter=exporter, opset=opset)
     result.model.to(dev)
     prep.timings["export"] = time.perf_counter() - t
     return exported
@@ -271,20 +319,23 @@ def judge(
         write_model(exported.model, tmp, data_name=out_path.name + ".data")
         t = time.perf_counter()
         progress.stage("validation", "the exported file against the repaired graph on onnxruntime")
-        fidelity = _validate_export(str(tmp), repaired, prep.converted.tail, contract, heldout, dev)
+        with _stage(prep, "validate"):
+            fidelity = _validate_export(str(tmp), repaired, prep.converted.tail, contract, heldout, dev)
         timings["validate"] = time.perf_counter() - t
 
         t = time.perf_counter()
         progress.stage("evaluation", f"original and repaired files on {len(heldout)} held-out rows")
-        before, after = _evaluate(spec.task, str(prep.model_path), str(tmp), heldout, contract, prep.protected,
-                                  eval_corruptions or _train_corruptions(prep.config), provider, prep.inputs.seed, progress)
-        timings["evaluate"] = time.perf_counter() - t
-        lat: dict[str, Any] = {}
-        if contract.is_image:
-            x64 = contract.to_model(contract.to_unit(heldout.x[:64])).numpy()
-            from .runtime import latency_comparison  # a fixed-batch model runs in chunks of its batch; latency_ms["notes"] says so
+        with _stage(prep, "evaluate"):
+            before, after = _evaluate(spec.task, str(prep.model_path), str(tmp), heldout, contract, prep.protected,
+                                      eval_corruptions or _train_corruptions(prep.config), provider, prep.inputs.seed, progress,
+                                      batch_size=_eval_batch(prep))
+            timings["evaluate"] = time.perf_counter() - t
+            lat: dict[str, Any] = {}
+            if contract.is_image:
+                x64 = contract.to_model(contract.to_unit(heldout.x[:64])).numpy()
+                from .runtime import latency_comparison  # a fixed-batch model runs in chunks of its batch; latency_ms["notes"] says so
 
-            lat = latency_comparison(str(prep.model_path), str(tmp), x64, provider)
+                lat = latency_comparison(str(prep.model_path), str(tmp), x64, provider)
 
         retention = retention_check(float(before["accuracy"]), float(after["accuracy"]), max_accuracy_drop, len(heldout))
         ok = fidelity["passed"] and (retention["passed"] or force)
@@ -302,6 +353,7 @@ def judge(
                     "nodes": exported.nodes, "simplified_with": exported.simplified_with,
                     "conversion_passes": [str(p) for p in prep.converted.passes],
                     "notes": list(prep.converted.notes) + list(exported.notes)},
+            memory=prep.memory.report() if prep.memory is not None else {},
         )
         res.timings_s["total"] = time.perf_counter() - prep.t0
         if report_path is not None:
@@ -349,11 +401,14 @@ def repair(
     device: str = "auto",
     seed: int = 0,
     report_path: str | os.PathLike | None = None,
+    max_memory: int | str | None = None,
     progress: Reporter = SILENT,
     opset: int | None = None,
 ) -> RepairResult:
     """Repair ``model_path`` with ``method`` and write the result to ``output``: :func:`prepare`, :func:`run`,
-    :func:`export`, :func:`judge`.
+    :func:`export`, :func:`judge`. ``max_memory``: the memory budget (see :func:`prepare`); a stage that cannot fit
+    in it even one sample at a time raises :class:`onnxrepair.memory.MemoryBudgetError` (exit 2) before any
+    training, and nothing is written.
 
     Raises :class:`ValidationFailed` (exit 1) when the exported file disagrees with the repaired graph,
     or when clean accuracy on the held-out split drops by more than ``max_accuracy_drop`` points
@@ -363,7 +418,8 @@ def repair(
     if report_path is not None:
         check_output_path(report_path, model_path)
     prep = prepare(model_path, method, train, val=val, contract=contract, config=config, options=options, protected=protected,
-                   privileged=privileged, unprivileged=unprivileged, device=device, seed=seed, progress=progress)
+                   privileged=privileged, unprivileged=unprivileged, device=device, seed=seed, max_memory=max_memory,
+                   progress=progress)
     result = run(prep)
     progress.stage("export")
     exported = export(prep, result, opset=opset)
@@ -375,7 +431,27 @@ def _train_corruptions(cfg: Any) -> tuple[str, ...]:
     return tuple(getattr(cfg, "corruptions", ()) or ())
 
 
-def _evaluate(task, before_path, after_path, heldout, contract, pspec, corruptions, provider, seed, progress):
+def _stage(prep: Prepared, name: str):
+    import contextlib
+
+    return prep.memory.stage(name) if prep.memory is not None else contextlib.nullcontext()
+
+
+def _eval_batch(prep: Prepared, want: int = 256) -> int:
+    """The evaluator's batch within the budget: two onnxruntime sessions each holding about one forward's activations
+    per image, plus the image and its perturbed copy. The evaluator seeds its corruption noise per batch, so a budget
+    that lowers this below ``want`` changes which noise each image gets (said in the log)."""
+    mem = prep.memory
+    if mem is None or mem.cost is None:
+        return want
+    n = mem.fit("evaluate", 2 * mem.cost.peak_live + 4 * mem.cost.input, want, what="image")
+    if n < want:
+        log.warning("evaluation batch %d instead of %d to stay within the memory budget; corruption noise is seeded per "
+                    "batch, so figures differ slightly from an evaluation at batch %d", n, want, want)
+    return n
+
+
+def _evaluate(task, before_path, after_path, heldout, contract, pspec, corruptions, provider, seed, progress, batch_size: int = 256):
     if task == "fairness":
         from .fairness import evaluate_fairness
 
@@ -384,7 +460,8 @@ def _evaluate(task, before_path, after_path, heldout, contract, pspec, corruptio
     from .evaluate import evaluate_models
 
     images = heldout.x.ndim == 4  # corruptions and blur are defined on images; tabular data gets clean accuracy
-    rep = evaluate_models([before_path, after_path], heldout, contract, corruptions=list(corruptions) if images else [], blur=images, provider=provider, seed=seed, progress=progress)
+    rep = evaluate_models([before_path, after_path], heldout, contract, corruptions=list(corruptions) if images else [], blur=images,
+                          provider=provider, seed=seed, progress=progress, batch_size=batch_size)
     models = rep.to_dict()["models"]
     for m in models:  # the retention contract and the table speak of "accuracy"; keep the evaluator's keys too
         m["accuracy"] = m["clean"]

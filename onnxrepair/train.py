@@ -242,22 +242,24 @@ def train_mixture(
     *,
     spec: PerturbSpec,
     perturb_prob: float,
+    eval_batch: int = 512,
     **kw,
 ) -> TrainResult:
     """:func:`fit` with cross-entropy on clean+perturbed data (each image perturbed with ``perturb_prob``)
-    and the best checkpoint on calib clean+perturbed accuracy."""
+    and the best checkpoint on calib clean+perturbed accuracy (scored in batches of ``eval_batch``, which a
+    memory budget may lower; accuracy does not depend on it)."""
     gen = np.random.default_rng(kw["seed"])
 
     def batch_loss(unit: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         out = first_output(model(contract.to_model(perturb_mixture(unit, spec, perturb_prob, gen))))
         return torch.nn.functional.nll_loss(log_probs(out, output_kind), y)
 
-    return fit(model, params, train, batch_loss, lambda: calib_score(model, calib), contract=contract, **kw)
+    return fit(model, params, train, batch_loss, lambda: calib_score(model, calib, eval_batch), contract=contract, **kw)
 
 
-def calib_score(model: nn.Module, calib: CalibSet) -> dict[str, float]:
-    clean = accuracy(model, calib.clean, calib.y)
-    pert = accuracy(model, calib.perturbed, calib.y)
+def calib_score(model: nn.Module, calib: CalibSet, batch_size: int = 512) -> dict[str, float]:
+    clean = accuracy(model, calib.clean, calib.y, batch_size)
+    pert = accuracy(model, calib.perturbed, calib.y, batch_size)
     return {"calib_clean": clean, "calib_perturbed": pert, "mixed": (clean + pert) / 2}
 
 

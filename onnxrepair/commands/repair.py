@@ -61,6 +61,7 @@ def repair_cmd(
     provider: str = typer.Option("auto", "--provider", help="onnxruntime provider for evaluation: auto, cpu, cuda."),
     device: str = typer.Option("auto", "--device", help="torch device for tuning: auto, cpu, cuda."),
     seed: int = typer.Option(0, "--seed"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 4GB (default: what the process holds + half of what is available, said in the log). Sizes the stacked and captured passes; results do not depend on it. Exit 2, before any training, when a stage cannot fit even one sample."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset of the repaired file (default: the original's where an exporter writes it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report JSON to stdout instead of a table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr (bars in a terminal, stage lines otherwise)."),
@@ -86,7 +87,8 @@ def repair_cmd(
         model, method, train, output=output, val=val_ds, contract=contract, config=cfg,
         max_accuracy_drop=max_accuracy_drop, force=force, protected=protected, privileged=privileged, unprivileged=unprivileged,
         eval_corruptions=tuple(s for s in eval_corruptions.split(",") if s) if eval_corruptions else None,
-        provider=provider, device=device, seed=seed, report_path=report, progress=_options.reporter(quiet, log_json, model), opset=opset,
+        provider=provider, device=device, seed=seed, report_path=report, max_memory=max_memory,
+        progress=_options.reporter(quiet, log_json, model), opset=opset,
     )
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
@@ -150,12 +152,35 @@ def print_repair_result(res) -> None:
     if ex:
         console.print(f"exported at opset {ex.get('opset')} (source {ex.get('source_opset')}); nodes {ex['nodes']['exported']} -> "
                       f"{ex['nodes']['simplified']} after {ex.get('simplified_with') or 'no optimizer'}")
+    if res.memory:
+        console.print(memory_line(res.memory))
     if res.latency_ms:
         lr = res.latency_ms["ratio"]
         console.print("latency repaired/original on onnxruntime: " + ", ".join(f"{k} {v:.2f}x" for k, v in lr.items()))
         for note in res.latency_ms.get("notes", []):
             console.print(f"note: {note}", markup=False, highlight=False)
     console.print("PASSED" if res.written else "FAILED")
+
+
+def memory_line(mem: dict) -> str:
+    """One line: the budget, and each stage's own peak resident memory (sampled), the method's steps in brackets."""
+    st = mem.get("stages", {})
+
+    def gb(mb: float) -> str:
+        return f"{mb / 1024:.2f}GB"
+
+    parts = []
+    for name, rec in st.items():
+        if name.startswith("method."):
+            continue
+        txt = f"{name} {gb(rec['stage_peak_mb'])}"
+        if "cuda_peak_mb" in rec:
+            txt += f" (cuda {gb(rec['cuda_peak_mb'])})"
+        subs = [f"{k.split('.', 1)[1]} {gb(v['stage_peak_mb'])}" for k, v in st.items() if k.startswith(name + ".")]
+        if subs:
+            txt += " (" + ", ".join(subs) + ")"
+        parts.append(txt)
+    return (f"peak memory {gb(mem['peak_mb'])} (budget {gb(mem['budget_mb'])}); by stage: " + ", ".join(parts))
 
 
 def register(app: typer.Typer) -> None:

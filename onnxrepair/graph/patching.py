@@ -138,17 +138,43 @@ class DivisionGate(nn.Module):
         return torch.cat([stat[:, None], energy], dim=1)
 
     def stats_features(self, orig: torch.Tensor) -> torch.Tensor:
-        z = (stats_features(orig) - self.stats_mean) / self.stats_std
-        return torch.cat([z, z * z], dim=1)
+        return self.standardised_stats(stats_features(orig))
 
     def score(self, orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """> 0 means "route to the patch"."""
+        """> 0 means "route to the patch". Computes only what the configured kind reads (this runs in the
+        exported graph)."""
         if self.kind == "disagreement":
-            return self.sign * (self.boundary - self.statistic(orig, delta))
+            return self._score_statistic(self.statistic(orig, delta))
         if self.kind == "stats":
-            return self.stats_features(orig) @ self.stats_weight + self.stats_bias
-        f = (self.features(orig, delta) - self.feat_mean) / self.feat_std
-        return f @ self.weight + self.bias
+            return self._score_stats(stats_features(orig))
+        return self._score_features(self.features(orig, delta))
+
+    def reduce(self, orig: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything any gate kind reads, per sample: a few numbers per channel instead of the (orig, delta) maps,
+        so calibration keeps O(N * C) per set, not O(N * C * H * W). :meth:`score_reduced` scores it."""
+        return {"features": self.features(orig, delta), "stats": stats_features(orig)}
+
+    def score_reduced(self, r: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`score` from :meth:`reduce`'s output (the same formulas, the same values)."""
+        if self.kind == "disagreement":
+            return self._score_statistic(r["features"][:, 0])
+        if self.kind == "stats":
+            return self._score_stats(r["stats"])
+        return self._score_features(r["features"])
+
+    def standardised_stats(self, raw: torch.Tensor) -> torch.Tensor:
+        """[z, z^2] of raw :func:`stats_features` standardised with the fitted mean and std."""
+        z = (raw - self.stats_mean) / self.stats_std
+        return torch.cat([z, z * z], dim=1)
+
+    def _score_statistic(self, stat: torch.Tensor) -> torch.Tensor:
+        return self.sign * (self.boundary - stat)
+
+    def _score_stats(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.standardised_stats(raw) @ self.stats_weight + self.stats_bias
+
+    def _score_features(self, feat: torch.Tensor) -> torch.Tensor:
+        return ((feat - self.feat_mean) / self.feat_std) @ self.weight + self.bias
 
     def forward(self, orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         if self.routing == "patched":

@@ -12,6 +12,9 @@ fx graph runs once per sample chunk (:func:`onnxrepair.graph.split_at`) and the 
 needs (the conv output and any skip connections) are kept; only the *suffix* runs per ablation, and ``group`` ablations are stacked along
 the batch dimension in one pass. Accuracy on a few hundred images ties often, so the loss change breaks ties
 (same direction as the accuracy score); both are kept in :class:`LayerScores`.
+
+``group`` and ``batch_size`` only say how much runs at once (DeepPatch sizes them from its memory budget): the
+scores are sums over samples, the same for any split.
 """
 
 from __future__ import annotations
@@ -110,8 +113,10 @@ def assess_filters(
             o_pert, carried = split.run_prefix(xp)
             o_clean = split.prefix(x_clean[i : i + batch_size]) if method == "featswap" else None
             c0, l0 = _acc_loss(first_output(split.run_suffix(o_pert, carried)), yb, output_kind)
+            # sums in float64 of float32 per-sample values: exact in practice, so how the samples are split into
+            # batches (the memory budget's choice) does not move a score
             base_acc += float(c0.sum())
-            base_loss += float(l0.sum())
+            base_loss += float(l0.double().sum())
             for g0 in range(0, c_out, group):
                 chans = list(range(g0, min(g0 + group, c_out)))
                 g = len(chans)
@@ -125,7 +130,7 @@ def assess_filters(
                 out = first_output(split.run_suffix(stacked.reshape(g * n, *o_pert.shape[1:]), carried, repeat=g))
                 c, l = _acc_loss(out, yb.repeat(g), output_kind)
                 acc_sum[chans] += c.view(g, n).sum(1).cpu().numpy()
-                loss_sum[chans] += l.view(g, n).sum(1).cpu().numpy()
+                loss_sum[chans] += l.double().view(g, n).sum(1).cpu().numpy()
             n_total += n
             if progress is not None:
                 progress()

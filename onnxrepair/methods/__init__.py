@@ -23,6 +23,7 @@ from ..data.contract import InputContract
 from ..data.dataset import ArrayDataset
 from ..data.protected import ProtectedSpec
 from ..errors import UsageError
+from ..memory import Memory
 from ..progress import SILENT, Reporter
 
 
@@ -38,6 +39,9 @@ class RepairInputs:
     progress: Reporter = SILENT
     protected: ProtectedSpec | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # declared extra inputs, loaded by the pipeline (e.g. DARE's history)
+    # the memory budget and meter (onnxrepair.memory): methods size their stacked / captured passes with
+    # ``memory.fit`` and measure their own steps with ``memory.stage``; the pipeline sets the per-sample cost
+    memory: Memory = field(default_factory=Memory)
 
 
 @dataclass

@@ -33,6 +33,14 @@ original model). Default lr 0.003: with BatchNorm folded into the convs there is
 unit, and the paper's 0.01 diverged on the MNIST bench (every epoch worse than the untouched model, so the
 best checkpoint on calib clean + perturbed was the original). The checkpoint criterion is the paper's:
 patched path, mean of calib clean and calib perturbed accuracy.
+
+Memory (issue 19): the assessment's stacked passes (``assess_group`` ablations x ``assess_batch`` images at most)
+and the calibration's capture batch are sized by the repair's memory budget (:mod:`onnxrepair.memory`) from the
+model's measured per-sample activation cost; a split changes no result (the scores are sums over samples, the gate
+reads per-sample reductions). Calibration keeps only per-sample reductions of the gate's inputs, never the maps, so
+it does not grow with the width of the first patched conv times the number of calibration sets. Measured on the
+half-width CIFAR ResNet-18 of issue 19 (stem assessed, 1,000 training images, 1 epoch, ``bench/memory_models.py``):
+process peak 2.37 GB before, 1.79 GB after, same selected filters, gate AUCs and routing.
 """
 
 from __future__ import annotations
@@ -48,13 +56,14 @@ from torch import fx, nn
 
 from ..data.contract import InputContract
 from ..errors import UsageError
-from ..graph.patching import PREFIX, DivisionGate, get_gate, insert_patches, set_routing, stats_features
+from ..graph.patching import PREFIX, DivisionGate, get_gate, insert_patches, set_routing
 from ..localize.filters import METHODS as ASSESS_METHODS
 from ..localize.filters import assess_filters, conv_nodes
+from ..memory import activation_cost
 from ..nn import first_output
 from ..perturb.blur import DEEPPATCH_SIGMAS
 from ..perturb.mixture import PerturbSpec, apply_variant, perturb_all
-from ..train import accuracy, make_calib, split_calib, train_mixture
+from ..train import make_calib, split_calib, train_mixture
 from . import MethodOutput, RepairInputs, register
 
 log = logging.getLogger(__name__)
@@ -77,7 +86,8 @@ class DeepPatchConfig:
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)  # with --corruptions
     exclude: tuple[str, ...] = ()  # conv node names or module paths not to patch
     assess_samples: int = 512  # sample budget for filter assessment
-    assess_group: int = 16  # ablations stacked per batched pass
+    assess_group: int = 16  # at most this many ablations stacked per pass (fewer when the memory budget says so)
+    assess_batch: int = 128  # at most this many images per assessment pass (fewer when the memory budget says so)
     gate: str = "stats"  # stats (default, best AUC on the bench) | disagreement (published) | logistic | none (always patched)
     gate_samples: int = 2000  # training images for the logistic and stats gates
     gate_clean_rate: float = 0.02  # stats gate: fraction of clean calib inputs allowed onto the patch
@@ -89,45 +99,31 @@ def _variants(spec: PerturbSpec) -> list[tuple[str, float]]:
 
 
 @torch.no_grad()
-def _gate_inputs(gm: fx.GraphModule, contract: InputContract, x_model: torch.Tensor, batch: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(orig, patch) tensors entering the gate, captured with a forward hook, per batch."""
+def _reduced_pass(gm: fx.GraphModule, x_model: torch.Tensor, y: torch.Tensor | None, batch: int,
+                  orig: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """One pass over ``x_model`` in batches of ``batch``: what the gate reads, reduced per batch as it is produced
+    (:meth:`DivisionGate.reduce`: O(N * C), never the (orig, delta) maps), and with labels ``y`` the per-sample
+    correctness of this pass (``correct``) and of ``orig`` on the same inputs (``correct_orig``)."""
     gate = get_gate(gm)
-    got: list[tuple[torch.Tensor, torch.Tensor]] = []
-    h = gate.register_forward_hook(lambda m, inp, out: got.append((inp[0].detach(), inp[1].detach())))
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def keep(m: DivisionGate, inp, out) -> None:  # returns None: a hook's return value would replace the output
+        for k, v in m.reduce(inp[0], inp[1]).items():
+            parts.setdefault(k, []).append(v)
+
+    h = gate.register_forward_hook(keep)
     try:
         for i in range(0, len(x_model), batch):
-            gm(x_model[i : i + batch])
+            xb = x_model[i : i + batch]
+            out = first_output(gm(xb))
+            if y is not None:
+                yb = y[i : i + batch]
+                parts.setdefault("correct", []).append(out.argmax(1) == yb)
+                if orig is not None:
+                    parts.setdefault("correct_orig", []).append(first_output(orig(xb)).argmax(1) == yb)
     finally:
         h.remove()
-    return got
-
-
-@torch.no_grad()
-def _forward_capture(gm: fx.GraphModule, x_model: torch.Tensor, y: torch.Tensor, batch: int = 512):
-    """One pass: the gate's (orig, patch) inputs per batch and the accuracy of this pass."""
-    gate = get_gate(gm)
-    got: list[tuple[torch.Tensor, torch.Tensor]] = []
-    h = gate.register_forward_hook(lambda m, inp, out: got.append((inp[0].detach(), inp[1].detach())))
-    correct = 0
-    try:
-        for i in range(0, len(x_model), batch):
-            out = first_output(gm(x_model[i : i + batch]))
-            correct += int((out.argmax(1) == y[i : i + batch]).sum())
-    finally:
-        h.remove()
-    return got, correct / max(len(y), 1)
-
-
-@torch.no_grad()
-def _stat(gm: fx.GraphModule, contract: InputContract, x_model: torch.Tensor) -> torch.Tensor:
-    gate = get_gate(gm)
-    return torch.cat([gate.statistic(o, p) for o, p in _gate_inputs(gm, contract, x_model)])
-
-
-@torch.no_grad()
-def _score(gm: fx.GraphModule, contract: InputContract, x_model: torch.Tensor) -> torch.Tensor:
-    gate = get_gate(gm)
-    return torch.cat([gate.score(o, p) for o, p in _gate_inputs(gm, contract, x_model)])
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def _auc(neg: torch.Tensor, pos: torch.Tensor) -> float:
@@ -181,30 +177,105 @@ def _fit_logistic(gate: DivisionGate, f_clean: torch.Tensor, f_pert: torch.Tenso
     gate.bias.copy_(b)
 
 
-def _fit_stats(gate: DivisionGate, x_clean: torch.Tensor, x_pert: torch.Tensor, steps: int = 200) -> None:
+def _fit_stats(gate: DivisionGate, f_clean: torch.Tensor, f_pert: torch.Tensor, steps: int = 200) -> None:
     """Logistic regression clean(0) vs perturbed(1) on [z, z^2] of the standardised activation statistics.
 
-    ``x_*`` are first-patched-conv outputs. The squared terms let one linear score flag a departure from
-    the clean statistics in either direction (blur lowers the spatial-difference energy, noise raises it).
+    ``f_*`` are :func:`stats_features` of first-patched-conv outputs (reduced per batch as they were produced).
+    The squared terms let one linear score flag a departure from the clean statistics in either direction (blur
+    lowers the spatial-difference energy, noise raises it).
     """
-    f = torch.cat([stats_features(x_clean).float(), stats_features(x_pert).float()])
+    f = torch.cat([f_clean.float(), f_pert.float()])
     gate.stats_mean.copy_(f.mean(0))
     gate.stats_std.copy_(f.std(0).clamp_min(1e-6))
-    z = gate.stats_features(torch.cat([x_clean, x_pert]).float())
-    w, b = _balanced_logistic(z, len(x_clean), steps)
+    z = gate.standardised_stats(f)
+    w, b = _balanced_logistic(z, len(f_clean), steps)
     gate.stats_weight.copy_(w)
     gate.stats_bias.copy_(b)
 
 
-@torch.no_grad()
-def _gate_origs(gm: fx.GraphModule, contract: InputContract, x_model: torch.Tensor) -> torch.Tensor:
-    return torch.cat([o for o, _ in _gate_inputs(gm, contract, x_model)])
-
-
-@torch.no_grad()
-def _gate_features(gm: fx.GraphModule, contract: InputContract, x_model: torch.Tensor) -> torch.Tensor:
+def _calibrate(gm: fx.GraphModule, inputs: RepairInputs, cfg: DeepPatchConfig, spec: PerturbSpec, train, calib, calib_data,
+               layers, batch: int) -> tuple[dict, dict, dict, list]:
+    """Fit and calibrate the gate (every kind, so the report compares them; the configured one routes) and measure
+    routing and accuracy on the calibration sets (clean + each perturbation). Returns (gate info, routing, accuracy,
+    variants). Every pass runs in batches of ``batch`` and keeps only :meth:`DivisionGate.reduce`'s per-sample
+    numbers; each perturbed set is made when its pass runs and dropped after it."""
+    dev, contract = inputs.device, inputs.contract
     gate = get_gate(gm)
-    return torch.cat([gate.features(o, p) for o, p in _gate_inputs(gm, contract, x_model)])
+    variants = _variants(spec)
+    unit = contract.to_unit(calib_data.x).to(dev)
+    orig = inputs.model.to(dev).eval()
+    set_routing(gm, "patched")
+    red: dict[str, dict[str, torch.Tensor]] = {"clean": _reduced_pass(gm, calib.clean, calib.y, batch, orig)}
+    for i, (k, lvl) in enumerate(variants):
+        x = contract.to_model(apply_variant(unit, k, lvl, seed=inputs.seed + i))
+        red[f"{k}:{lvl:g}"] = _reduced_pass(gm, x, calib.y, batch, orig)
+        del x
+    del unit
+    pert_names = [n for n in red if n != "clean"]
+
+    def cat_pert(key: str) -> torch.Tensor:
+        return torch.cat([red[n][key] for n in pert_names])
+
+    s_clean, s_pert_all = red["clean"]["features"][:, 0], cat_pert("features")[:, 0]
+    m_clean, m_pert = float(s_clean.mean()), float(s_pert_all.mean())
+    auc_stat = _auc(s_clean, s_pert_all)
+    gate.boundary.fill_((m_clean + m_pert) / 2)
+    gate.sign.fill_(1.0 if m_pert <= m_clean else -1.0)  # published: perturbed below the boundary
+    gate.kind = "disagreement"
+    gate_info: dict = {
+        "layer": layers[0].layer,
+        "statistic": "fraction of replaced activations whose on/off state differs (original vs patched)",
+        "mean_clean": m_clean,
+        "mean_perturbed": m_pert,
+        "boundary": float(gate.boundary),
+        "patched_when": "below" if float(gate.sign) > 0 else "above",
+        "auc_statistic": auc_stat,
+        "kind": cfg.gate,
+    }
+
+    # AUC = P(score(perturbed) > score(clean)) on calib (the fitted gates learn from training images, never calib)
+    def calib_scores(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        gate.kind = kind
+        return gate.score_reduced(red["clean"]), torch.cat([gate.score_reduced(red[n]) for n in pert_names])
+
+    g_data = train.limit(cfg.gate_samples, seed=inputs.seed + 3)
+    gen = np.random.default_rng(inputs.seed + 5)
+    g_unit = contract.to_unit(g_data.x).to(dev)
+    g_pert = contract.to_model(perturb_all(g_unit, spec, gen))
+    r_clean = _reduced_pass(gm, contract.to_model(g_unit), None, batch)
+    del g_unit
+    r_pert = _reduced_pass(gm, g_pert, None, batch)
+    del g_pert
+    _fit_logistic(gate, r_clean["features"], r_pert["features"], inputs.seed)
+    auc_logistic = _auc(*calib_scores("logistic"))
+    _fit_stats(gate, r_clean["stats"], r_pert["stats"])
+    sc, sp = calib_scores("stats")
+    auc_stats = _auc(sc, sp)
+    # threshold: at most gate_clean_rate of clean calib inputs above it
+    thr = float(torch.quantile(sc.double().cpu(), 1.0 - cfg.gate_clean_rate))
+    gate.stats_bias.sub_(thr)
+    gate_info["auc"] = {"disagreement": _auc(*calib_scores("disagreement")), "logistic": auc_logistic, "stats": auc_stats}
+    gate_info["trained_on"] = f"{len(g_data)} training images, clean vs perturbed"
+    gate.kind = cfg.gate if cfg.gate in ("logistic", "stats") else "disagreement"
+    if cfg.gate == "logistic":
+        gate_info.update(features="gate statistic + per-channel mean |activation| of the first patched conv", auc_logistic=auc_logistic)
+    elif cfg.gate == "stats":
+        gate_info.update(features="[z, z^2] of per-channel log mean |x| and log mean |spatial difference| of the first patched conv",
+                         clean_rate_target=cfg.gate_clean_rate, auc_stats=auc_stats, threshold=thr)
+    set_routing(gm, "patched" if cfg.gate == "none" else "gate")
+    route_rate: dict[str, float] = {}
+    acc_sets: dict[str, dict[str, float]] = {}
+    for name, r in red.items():
+        route = torch.ones_like(r["correct"]) if cfg.gate == "none" else gate.score_reduced(r) > 0
+        route_rate[name] = float(route.float().mean())
+        repaired = torch.where(route, r["correct"], r["correct_orig"])  # a routed sample takes exactly one path
+        acc_sets[name] = {"original": float(r["correct_orig"].float().mean()), "repaired": float(repaired.float().mean()),
+                          "patched_path": float(r["correct"].float().mean())}
+    routing = {"clean": route_rate["clean"], "perturbed": {n: route_rate[n] for n in pert_names},
+               "perturbed_mean": float(np.mean([route_rate[n] for n in pert_names]))}
+    acc = {f"{who}_clean": acc_sets["clean"][who] for who in ("original", "repaired", "patched_path")}
+    acc.update({f"{who}_perturbed": float(np.mean([acc_sets[n][who] for n in pert_names])) for who in ("original", "repaired", "patched_path")})
+    return gate_info, routing, acc, variants
 
 
 @register(
@@ -252,10 +323,31 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
     if not candidates:
         raise UsageError("deeppatch found no patchable convolution (groups=1, not excluded) in this model")
     n_assess = min(cfg.assess_samples, len(calib.y))
-    with inputs.progress.task(f"assess filters ({cfg.assess})", total=len(candidates) * -(-n_assess // 128)) as advance:
+
+    # ---- memory: what one sample costs, measured on the original model; each stage's passes are sized from it
+    # (stacking is a speed trick: the split never changes a result) and the repair stops here, before any work,
+    # when a stage cannot run within the budget even one sample at a time.
+    mem = inputs.memory
+    cost = mem.cost if mem.cost is not None else activation_cost(gm, calib.clean[:2])
+    cut = max(cost.nodes.get(name, 0) for name in candidates)
+    # one stacked ablation of one image through the suffix: its activations, the stacked cut and the repeated skips
+    assess_item = cost.peak_live + 2 * cut
+    capture_item = cost.peak_live + cut  # a forward of the patched model (units and gate on the first patched conv)
+    train_item = cost.saved + cost.peak_live  # what autograd may keep per image, plus the live activations
+    mem.require({
+        "deeppatch assessment": (int(mem.margin * (assess_item + 2 * cut)), "one ablation of one image"),
+        "deeppatch training": (int(mem.margin * cfg.batch_size * train_item),
+                               f"a training batch of {cfg.batch_size}; a smaller --batch-size needs less"),
+        "deeppatch calibration": (int(mem.margin * capture_item), "one image"),
+    })
+    stacked = mem.fit("deeppatch assessment", assess_item, cfg.assess_group * cfg.assess_batch, fixed=2 * cut * min(cfg.assess_batch, n_assess),
+                      what="stacked image")
+    a_batch = max(1, min(cfg.assess_batch, n_assess, stacked))
+    a_group = max(1, min(cfg.assess_group, stacked // a_batch))
+    with mem.stage("method.assess"), inputs.progress.task(f"assess filters ({cfg.assess})", total=len(candidates) * -(-n_assess // a_batch)) as advance:
         scores = assess_filters(
             gm, calib.clean[:n_assess], calib.perturbed[:n_assess], calib.y[:n_assess], method=cfg.assess,
-            output_kind=inputs.output_kind, layers=candidates, group=cfg.assess_group, progress=advance,
+            output_kind=inputs.output_kind, layers=candidates, group=a_group, batch_size=a_batch, progress=advance,
         )
     t_assess = time.perf_counter() - t0
     plan = {name: scores[name].top(int(np.floor(cfg.ratio * len(scores[name].acc_score)))) for name in candidates}
@@ -267,87 +359,25 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
     for p in unit_params:
         p.requires_grad_(True)
     set_routing(gm, "patched")
-    result = train_mixture(
-        gm, unit_params, train, calib, contract, inputs.output_kind, spec=spec, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        perturb_prob=cfg.perturb_prob, device=dev, seed=inputs.seed, progress=inputs.progress,
-        state_filter=lambda k: k.startswith(PREFIX),
-    )
+    cap = mem.fit("deeppatch calibration", capture_item, 512, what="image")  # capture / evaluation batch
+    with mem.stage("method.train"):
+        result = train_mixture(
+            gm, unit_params, train, calib, contract, inputs.output_kind, spec=spec, epochs=cfg.epochs,
+            batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            perturb_prob=cfg.perturb_prob, device=dev, seed=inputs.seed, progress=inputs.progress,
+            state_filter=lambda k: k.startswith(PREFIX), eval_batch=cap,
+        )
     for p in gm.parameters():
         p.requires_grad_(False)
 
     # ---- 3. per-sample division of labour, calibrated on clean and perturbed calibration data
-    # One pass per set and path; the gate's inputs are captured with a hook, so the statistic, the
-    # logistic features and the routing decisions never need extra forward passes.
-    variants = _variants(spec)
-    unit = contract.to_unit(calib_data.x).to(dev)
-    sets = {"clean": calib.clean}
-    for i, (k, lvl) in enumerate(variants):
-        sets[f"{k}:{lvl:g}"] = contract.to_model(apply_variant(unit, k, lvl, seed=inputs.seed + i))
-    orig = inputs.model.to(dev).eval()
-    set_routing(gm, "patched")
-    captured = {name: _forward_capture(gm, x, calib.y) for name, x in sets.items()}  # (gate inputs, accuracy)
-    s_clean = torch.cat([gate.statistic(o, p) for o, p in captured["clean"][0]])
-    s_pert_all = torch.cat([gate.statistic(o, p) for name, (gi, _) in captured.items() if name != "clean" for o, p in gi])
-    m_clean, m_pert = float(s_clean.mean()), float(s_pert_all.mean())
-    auc_stat = _auc(s_clean, s_pert_all)
-    gate.boundary.fill_((m_clean + m_pert) / 2)
-    gate.sign.fill_(1.0 if m_pert <= m_clean else -1.0)  # published: perturbed below the boundary
-    gate.kind = "disagreement"
-    gate_info: dict = {
-        "layer": layers[0].layer,
-        "statistic": "fraction of replaced activations whose on/off state differs (original vs patched)",
-        "mean_clean": m_clean,
-        "mean_perturbed": m_pert,
-        "boundary": float(gate.boundary),
-        "patched_when": "below" if float(gate.sign) > 0 else "above",
-        "auc_statistic": auc_stat,
-        "kind": cfg.gate,
-    }
-    # Every gate kind is fitted and scored on the calibration data, so the report can compare them; the
-    # configured one routes. AUC = P(score(perturbed) > score(clean)) on calib (the fitted gates learn
-    # from training images, never from calib).
-    def calib_scores(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        gate.kind = kind
-        sc = torch.cat([gate.score(o, p) for o, p in captured["clean"][0]])
-        sp = torch.cat([gate.score(o, p) for name, (gi, _) in captured.items() if name != "clean" for o, p in gi])
-        return sc, sp
-
-    g_data = train.limit(cfg.gate_samples, seed=inputs.seed + 3)
-    gen = np.random.default_rng(inputs.seed + 5)
-    g_unit = contract.to_unit(g_data.x).to(dev)
-    g_pert = contract.to_model(perturb_all(g_unit, spec, gen))
-    f_clean = _gate_features(gm, contract, contract.to_model(g_unit))
-    f_pert = _gate_features(gm, contract, g_pert)
-    _fit_logistic(gate, f_clean, f_pert, inputs.seed)
-    auc_logistic = _auc(*calib_scores("logistic"))
-    _fit_stats(gate, _gate_origs(gm, contract, contract.to_model(g_unit)), _gate_origs(gm, contract, g_pert))
-    sc, sp = calib_scores("stats")
-    auc_stats = _auc(sc, sp)
-    # threshold: at most gate_clean_rate of clean calib inputs above it
-    thr = float(torch.quantile(sc.double().cpu(), 1.0 - cfg.gate_clean_rate))
-    gate.stats_bias.sub_(thr)
-    gate_info["auc"] = {"disagreement": _auc(*calib_scores("disagreement")), "logistic": auc_logistic, "stats": auc_stats}
-    gate_info["trained_on"] = f"{len(g_data)} training images, clean vs perturbed"
-    gate.kind = cfg.gate if cfg.gate in ("logistic", "stats") else "disagreement"
-    if cfg.gate == "logistic":
-        gate_info.update(features="gate statistic + per-channel mean |activation| of the first patched conv", auc_logistic=auc_logistic)
-    elif cfg.gate == "stats":
-        gate_info.update(features="[z, z^2] of per-channel log mean |x| and log mean |spatial difference| of the first patched conv",
-                         clean_rate_target=cfg.gate_clean_rate, auc_stats=auc_stats)
-    final_routing = "patched" if cfg.gate == "none" else "gate"
-    set_routing(gm, final_routing)
-    route_rate: dict[str, float] = {}
-    acc_sets: dict[str, dict[str, float]] = {}
-    for name, x in sets.items():
-        gi, acc_patched = captured[name]
-        route_rate[name] = 1.0 if cfg.gate == "none" else float(torch.cat([gate.score(o, p) > 0 for o, p in gi]).float().mean())
-        acc_sets[name] = {"original": accuracy(orig, x, calib.y), "repaired": accuracy(gm, x, calib.y), "patched_path": acc_patched}
-    pert_names = [n for n in sets if n != "clean"]
-    routing = {"clean": route_rate["clean"], "perturbed": {n: route_rate[n] for n in pert_names},
-               "perturbed_mean": float(np.mean([route_rate[n] for n in pert_names]))}
-    acc = {f"{who}_clean": acc_sets["clean"][who] for who in ("original", "repaired", "patched_path")}
-    acc.update({f"{who}_perturbed": float(np.mean([acc_sets[n][who] for n in pert_names])) for who in ("original", "repaired", "patched_path")})
+    # One pass per set; a hook on the gate reduces its inputs per batch to what the gate kinds read (a few numbers
+    # per channel), so memory stays flat in the model's width and the number of sets. A routed sample sees exactly
+    # the original or exactly the patched path, so the gated model's accuracy follows from the per-sample
+    # correctness of both paths without another pass.
+    with mem.stage("method.calibrate"):
+        info_cal = _calibrate(gm, inputs, cfg, spec, train, calib, calib_data, layers, cap)
+    gate_info, routing, acc, variants = info_cal
 
     params_added = sum(p.numel() for n, p in gm.named_parameters() if n.startswith(PREFIX))
     gate_params = {"logistic": sum(b.numel() for n, b in gate.named_buffers() if n in ("weight", "bias", "feat_mean", "feat_std")),
@@ -372,6 +402,8 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         "history": result.history,
         "seconds": {"assess": round(t_assess, 2), "total": round(time.perf_counter() - t0, 2)},
         "calib_samples": len(calib.y),
+        # how the budget split the passes (the results do not depend on it); per-stage figures are in the report's "memory"
+        "passes": {"assess_batch": a_batch, "assess_group": a_group, "capture_batch": cap, "budget_mb": round(mem.limit / 2**20, 1)},
     }
     gate_txt = "no gate: every input takes the patch" if cfg.gate == "none" else f"{cfg.gate} gate, calibration AUC {gate_info['auc'][cfg.gate]:.3f}"
     summary = [
