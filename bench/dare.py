@@ -19,6 +19,10 @@ Each exported file is scored on onnxruntime (CPU) on ``--n-eval`` test images:
   the same images scored on every model;
 * **white-box**: each attack crafted on each model's own graph (the repaired torch graph the file was exported from),
   scored on its file — what an attacker with the file does;
+* **corruptions**: the 15 CIFAR-10-C corruptions (:data:`onnxrepair.perturb.corruptions.CIFAR10C`) at one severity
+  (``--c-severity``, default 3; 0 skips them), applied once per seed to the same test images and scored on every
+  model; the table shows their mean (``c10c mean``), the JSON each corruption's accuracy. (The corruptions take
+  1- or 3-channel images, so MNIST gets the column too; on MNIST it is the same 15 corruptions, not a published set.)
 * repair wall time (prepare + method, so DARE's checkpoint conversion is counted).
 
 Cells are mean ± std over seeds. The seeds vary the pool split, the methods' shuffling and the attacks' random
@@ -50,6 +54,7 @@ from onnxrepair.data.contract import InputContract, ModelWithContract  # noqa: E
 from onnxrepair.data.dataset import ArrayDataset  # noqa: E402
 from onnxrepair.methods import get, make_config  # noqa: E402
 from onnxrepair.perturb.attacks import CW, FGSM, PGD  # noqa: E402
+from onnxrepair.perturb.corruptions import CIFAR10C, apply as corrupt  # noqa: E402
 
 ATTACKS = ("fgsm", "pgd", "cw")
 METHODS = ("dare", "adv-ft-fgsm", "adv-ft-pgd", "adv-ft-cw", "finetune")
@@ -101,6 +106,8 @@ def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, cont
     x_clean = contract.to_model(unit).numpy()
     original = converters.convert(final).gm.eval()
     transfer = {a: craft(a, original, contract, budget, seed, unit, y, args) for a in ATTACKS}  # crafted once, on the original
+    corrupted = ({c: contract.to_model(corrupt(c, unit, args.c_severity, seed=seed)).numpy() for c in CIFAR10C}
+                 if args.c_severity else {})  # corrupted once per seed, shared by every model
     rows: dict[str, dict] = {}
 
     def score(name: str, path: Path, model, repair_s: float, info: dict | None = None) -> None:
@@ -109,11 +116,14 @@ def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, cont
                "transfer": {a: ort_accuracy(sess, transfer[a], test.y) for a in ATTACKS},
                "whitebox": {a: (ort_accuracy(sess, transfer[a], test.y) if name == "original"
                                 else ort_accuracy(sess, craft(a, model, contract, budget, seed, unit, y, args), test.y)) for a in ATTACKS}}
+        if corrupted:
+            row["c10c"] = {c: ort_accuracy(sess, xc, test.y) for c, xc in corrupted.items()}
+            row["c10c_mean"] = float(np.mean(list(row["c10c"].values())))
         if info is not None:
             row["info"] = info
         rows[name] = row
         print(f"[seed {seed}] {name}: clean {row['clean']:.3f} transfer " + " ".join(f"{a} {row['transfer'][a]:.3f}" for a in ATTACKS)
-              + " white-box " + " ".join(f"{a} {row['whitebox'][a]:.3f}" for a in ATTACKS) + f" ({repair_s:.0f} s)", file=sys.stderr)
+              + " white-box " + " ".join(f"{a} {row['whitebox'][a]:.3f}" for a in ATTACKS) + (f" c10c mean {row['c10c_mean']:.3f}" if corrupted else "") + f" ({repair_s:.0f} s)", file=sys.stderr)
 
     score("original", final, original, 0.0)
     for method in args.methods:
@@ -144,21 +154,27 @@ def aggregate(per_seed: list[dict]) -> dict:
         out[n] = {"clean": ms(lambda r: r["clean"]), "repair_s": ms(lambda r: r["repair_s"]),
                   "transfer": {a: ms(lambda r, a=a: r["transfer"][a]) for a in ATTACKS},
                   "whitebox": {a: ms(lambda r, a=a: r["whitebox"][a]) for a in ATTACKS}}
+        if all("c10c_mean" in r[n] for r in per_seed):
+            out[n]["c10c_mean"] = ms(lambda r: r["c10c_mean"])
+            out[n]["c10c"] = {c: ms(lambda r, c=c: r["c10c"][c]) for c in per_seed[0][n]["c10c"]}
     return out
 
 
 def table(agg: dict) -> tuple[str, dict]:
     methods = [m for m in agg if m != "original"]
     best = {p: {a: max(methods, key=lambda m: agg[m][p][a]["mean"]) for a in ATTACKS} for p in ("transfer", "whitebox")}
+    has_c = all("c10c_mean" in agg[m] for m in agg)
+    best_c = max(methods, key=lambda m: agg[m]["c10c_mean"]["mean"]) if has_c else None
     cell = lambda d: f"{100 * d['mean']:5.1f} ± {100 * d['std']:4.1f}"
-    head = f"| {'model':12s} | {'clean %':13s} | " + " | ".join(f"{p[:5]} {a:4s} %{'':4s}" for p in ("transfer", "whitebox") for a in ATTACKS) + " | repair s |"
-    lines = [head, "|" + "---|" * (len(ATTACKS) * 2 + 3)]
+    head = f"| {'model':12s} | {'clean %':13s} | " + " | ".join(f"{p[:5]} {a:4s} %{'':4s}" for p in ("transfer", "whitebox") for a in ATTACKS) + f" | {'c10c mean %':14s} | repair s |"
+    lines = [head, "|" + "---|" * (len(ATTACKS) * 2 + 4)]
     for m in agg:
         parts = [cell(agg[m]["clean"])]
         for p in ("transfer", "whitebox"):
             for a in ATTACKS:
                 mark = "*" if m != "original" and best[p][a] == m else " "
                 parts.append(cell(agg[m][p][a]) + mark)
+        parts.append(cell(agg[m]["c10c_mean"]) + ("*" if m != "original" and best_c == m else " ") if has_c else f"{'n/a':14s}")
         lines.append(f"| {m:12s} | " + " | ".join(parts) + f" | {agg[m]['repair_s']['mean']:8.1f} |")
     base = agg["original"]["clean"]["mean"]
     verdict = {
@@ -166,11 +182,15 @@ def table(agg: dict) -> tuple[str, dict]:
         "dare_best_transfer_cells": sum(best["transfer"][a] == "dare" for a in ATTACKS),
         "dare_best_whitebox_cells": sum(best["whitebox"][a] == "dare" for a in ATTACKS),
         "cells_per_protocol": len(ATTACKS),
+        "dare_best_c10c_mean": (best_c == "dare") if has_c else None,
+        "c10c_mean_change_points": ({m: 100 * (agg[m]["c10c_mean"]["mean"] - agg["original"]["c10c_mean"]["mean"]) for m in methods}
+                                    if has_c else None),
         "clean_change_points": {m: 100 * (agg[m]["clean"]["mean"] - base) for m in methods},
     }
     verdict["target_clean_change_ge_0"] = verdict["dare_clean_change_points"] is not None and verdict["dare_clean_change_points"] >= 0
     verdict["target_best_in_60pct_transfer_cells"] = verdict["dare_best_transfer_cells"] >= 0.6 * len(ATTACKS)
-    lines.append("* = best mean among the repairs in that column")
+    lines.append("* = best mean among the repairs in that column"
+                 + ("" if has_c else "; c10c mean n/a: this run did not score the corruptions"))
     return "\n".join(lines), verdict
 
 
@@ -193,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cw-steps", type=int, default=30, help="evaluation CW steps")
     ap.add_argument("--peer-pgd-steps", type=int, default=5)
     ap.add_argument("--peer-cw-steps", type=int, default=10)
+    ap.add_argument("--c-severity", type=int, default=3, help="CIFAR-10-C severity for the corruption column (0: skip)")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--summarise", type=Path, default=None, help="print the table of a (partial) result JSON and exit")
     args = ap.parse_args(argv)
@@ -230,15 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(per_seed)
     txt, verdict = table(agg)
     print("# " + cmd)
-    print(f"# {args.dataset}: model trained on {hist['train']} images for {len(hist['epochs'])} epochs, pool {hist['pool']}, "
-          f"{len(test)} test images, seeds {seeds}; eps Linf {BUDGETS[args.dataset]['linf']:.4g}, CW L2 {BUDGETS[args.dataset]['l2']}")
+    setup = (f"# {args.dataset}: model trained on {hist['train']} images for {len(hist['epochs'])} epochs, pool {hist['pool']}, "
+          f"{len(test)} test images, seeds {seeds}; eps Linf {BUDGETS[args.dataset]['linf']:.4g}, CW L2 {BUDGETS[args.dataset]['l2']}"
+          + (f"; c10c: {len(CIFAR10C)} corruptions at severity {args.c_severity}" if args.c_severity else "; c10c skipped"))
+    print(setup)
     print(txt)
     print(json.dumps(verdict))
     payload = {"command": cmd, "dataset": args.dataset, "history": hist, "seeds": seeds, "budgets": BUDGETS[args.dataset],
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "total_s": time.perf_counter() - t0}
     out.write_text(json.dumps(payload, indent=1, default=float))
-    out.with_suffix(".txt").write_text("# " + cmd + "\n" + txt + "\n" + json.dumps(verdict) + "\n")
+    out.with_suffix(".txt").write_text("# " + cmd + "\n" + setup + "\n" + txt + "\n" + json.dumps(verdict) + "\n")
     out.with_name(out.stem + ".partial.json").unlink(missing_ok=True)
     print(f"wrote {out} ({payload['total_s']:.0f} s)", file=sys.stderr)
     return 0
