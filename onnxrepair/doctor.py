@@ -55,7 +55,6 @@ def versions() -> dict[str, Any]:
 
 def _tiny_model() -> bytes:
     """y = relu(x @ W + b): small enough to build in memory, real enough to need a kernel on each provider."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

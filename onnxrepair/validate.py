@@ -204,7 +204,7 @@ def validate(
     """
     import onnx
 
-    from converters.load import graph_inputs
+    from converters.load import graph_inputs, output_source_op
 
     tol = tolerance or Tolerance()
     ref_sess = make_session(reference, "cpu", optimize=False)
@@ -215,8 +215,6 @@ def validate(
     tail_sess = _tail_session(tail) if tail is not None else None
     ref_model = onnx.load_from_string(reference) if isinstance(reference, bytes) else onnx.load(str(reference), load_external_data=False)
     specs = graph_inputs(ref_model)
-    from converters.load import output_source_op
-
     # a single-column classifier output: its decision threshold, read from the graph like every verdict here
     first_threshold = 0.5 if output_source_op(ref_model) == "Sigmoid" else 0.0
     names = ref_sess.output_names

@@ -54,7 +54,6 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..data.contract import InputContract
 from ..errors import UsageError
 from ..graph.patching import PREFIX, DivisionGate, get_gate, insert_patches, set_routing
 from ..localize.filters import METHODS as ASSESS_METHODS
