@@ -39,7 +39,7 @@ from .perturb import corruptions as C
 from .perturb.attacks import ATTACKS, make_attack, resolve_attacks
 from .perturb.blur import DEEPPATCH_SIGMAS, gaussian_blur
 from .progress import SILENT, Reporter
-from .runtime import ORT_TO_NP, Session, make_session
+from .runtime import ORT_TO_NP, Session, make_session, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +262,14 @@ def evaluate_models(
     def predict(m: _Model, unit: torch.Tensor, cache: dict) -> np.ndarray:
         # models whose contracts make the same input share one feed (keyed by value, not identity: the CLI
         # builds one contract object per model)
-        key = (m.unit_contract.key(), m.in_dtype)
+        key = (m.unit_contract.key(), m.in_dtype, m.session.binds)
         feed = cache.get(key)
         if feed is None:
-            feed = np.ascontiguousarray(m.unit_contract.to_model(unit).detach().cpu().numpy(), dtype=m.in_dtype)
+            feed = m.unit_contract.to_model(unit).detach()
+            if m.session.binds:  # stays where it is (on the GPU): onnxruntime's I/O binding reads it in place
+                feed = feed.to(torch_dtype(m.in_dtype)).contiguous()
+            else:
+                feed = np.ascontiguousarray(feed.cpu().numpy(), dtype=m.in_dtype)
             cache[key] = feed
         out = m.session.run({m.in_name: feed})[0]
         return m.session.classes(out)
@@ -273,7 +277,7 @@ def evaluate_models(
     # --- clean pass: the lean path (numpy only, one feed per contract group, next batch prepared while
     # onnxruntime runs this one; ORT releases the GIL, so the two overlap)
     with progress.task("clean", total=nb) as advance:
-        for lo, hi, preds, dt in _clean_predictions(ms, ds.x, batch_size):
+        for lo, hi, preds, dt in _clean_predictions(ms, ds.x, batch_size, device=dev):
             for m in ms:
                 clean_pred[m.name][lo:hi] = preds[m.name]
                 secs[m.name]["clean"] += dt[m.name]
@@ -497,26 +501,31 @@ def find_contract(
     return best, tried
 
 
-def _feeder(m: _Model):
-    """The numpy feeder for float inputs; the torch path for the rare model that takes integers."""
+def _feeder(m: _Model, device: torch.device | None = None):
+    """The numpy feeder for float inputs; the torch path for the rare model that takes integers. A session that
+    binds device tensors (CUDA) gets the raw batch moved to ``device`` once and preprocessed there."""
+    if device is not None and m.session.binds:
+        return lambda raw, out=None: m.contract.to_model(m.contract.to_unit(torch.from_numpy(np.ascontiguousarray(raw)).to(device))).to(torch_dtype(m.in_dtype))
     if np.issubdtype(m.in_dtype, np.floating):
         return m.contract.numpy_feeder(m.in_dtype)
     return lambda raw, out=None: np.ascontiguousarray(m.contract.to_model(m.contract.to_unit(raw)).numpy(), dtype=m.in_dtype)
 
 
-def _clean_predictions(ms: Sequence[_Model], x: np.ndarray, batch_size: int, prefetch: bool = True):
+def _clean_predictions(ms: Sequence[_Model], x: np.ndarray, batch_size: int, prefetch: bool = True, device: torch.device | None = None):
     """Yield ``(lo, hi, {name: predictions}, {name: seconds})`` per batch of unperturbed ``x``.
 
     Each group of models whose contracts make the same input gets one feed per batch, built by the
     contract's :class:`~onnxrepair.data.contract.NumpyFeeder` into one of two preallocated buffers; a
     one-slot prefetch thread fills the other buffer with batch i+1 while onnxruntime scores batch i.
-    The ping-pong is safe: batch i+2 is only submitted after batch i's runs have returned.
+    The ping-pong is safe: batch i+2 is only submitted after batch i's runs have returned. Sessions that bind
+    device tensors (CUDA, :attr:`~onnxrepair.runtime.Session.binds`) get the raw batch moved to ``device`` and
+    preprocessed there instead, and onnxruntime reads it in place.
     """
     n = len(x)
     groups: dict[tuple, list[_Model]] = {}
     for m in ms:
-        groups.setdefault((m.contract.key(), m.in_dtype.str), []).append(m)
-    feeders = [(_feeder(g[0]), g) for g in groups.values()]
+        groups.setdefault((m.contract.key(), m.in_dtype.str, m.session.binds), []).append(m)
+    feeders = [(_feeder(g[0], device), g) for g in groups.values()]
     bufs: list[list[np.ndarray | None]] = [[None, None] for _ in feeders]
 
     def prep(b: int) -> list[np.ndarray]:
