@@ -106,8 +106,9 @@ def test_cache_is_bounded(png_folder):
         ds.x[lo : lo + 32]
         assert src.cached <= 10
     assert src.reads == len(xs)
-    ds.x[-5:]  # the most recent rows are cached: nothing decoded again
+    assert np.array_equal(ds.x[-5:], xs[-5:])  # the most recent rows come from the cache: nothing decoded again
     assert src.reads == len(xs)
+    assert np.array_equal(ds.x[-10:], xs[-10:]) and src.reads == len(xs)
     ds.x[:5]  # the first rows were evicted long ago
     assert src.reads == len(xs) + 5
     off = loaders.load_image_folder(root, cache_bytes=0)
