@@ -194,3 +194,23 @@ def test_npz_below_the_threshold_is_an_array(tmp_path):
     x, y = _mnist(20)
     np.savez(tmp_path / "a.npz", x=x, y=y)
     assert isinstance(load_dataset(tmp_path / "a.npz").x, np.ndarray)
+
+
+def test_repair_with_limit_decodes_only_its_subset(png_folder, tmp_path, monkeypatch):
+    """`repair --limit 60` on a lazy folder of 200 images decodes rows of that 60-image subset only (the contract is
+    settled from the subset, the splits are views, the method trains on its part)."""
+    root, xs, _ = png_folder
+    decoded: list[int] = []
+    orig = lazy.FolderSource._decode
+
+    def counting(self, i, out):
+        decoded.append(int(i))
+        return orig(self, i, out)
+
+    monkeypatch.setattr(lazy.FolderSource, "_decode", counting)
+    out = tmp_path / "r.onnx"
+    rc = main(["--threads", "1", "repair", str(LENET), "--method", "finetune-last", "--data", str(root), "--limit", "60", "--epochs", "1",
+               "-o", str(out), "-q", "--provider", "cpu", "--device", "cpu", "--force"])
+    assert rc == 0 and out.exists()
+    rows = set(np.sort(np.random.default_rng(0).permutation(len(xs))[:60]).tolist())  # ArrayDataset.limit(60, seed=0)
+    assert decoded and set(decoded) <= rows
