@@ -25,7 +25,7 @@ DATA_DIR=${DATA_DIR:-../shared/datasets}
 CACHE=${CACHE:-$ROOT/bench/work}   # the CIFAR-10 folders and the trained CIFAR ResNet, shared with the other benches
 WORK=${WORK:-$CACHE/gpu}           # this run's outputs
 if [ "$DEVICE" = cuda ]; then
-  LIMIT=${LIMIT:-5000}; EPOCHS=${EPOCHS:-10}; EVAL_N50=${EVAL_N50:-2000}; EVAL_N=${EVAL_N:-10000}; OUT=${OUT:-bench/results/gpu.json}
+  LIMIT=${LIMIT:-5000}; EPOCHS=${EPOCHS:-5}; EVAL_N50=${EVAL_N50:-2000}; EVAL_N=${EVAL_N:-10000}; OUT=${OUT:-bench/results/gpu.json}
 else
   LIMIT=${LIMIT:-600}; EPOCHS=${EPOCHS:-1}; EVAL_N50=${EVAL_N50:-32}; EVAL_N=${EVAL_N:-500}; OUT=${OUT:-bench/results/gpu_dryrun.json}
 fi
@@ -76,7 +76,7 @@ step roundtrip_resnet50 300 "${OR[@]}" roundtrip "$WORK/resnet50.onnx" -o "$WORK
 step train_cifar_resnet 600 "$PY" bench/train_cifar_resnet.py --data-dir "$DATA_DIR" --work "$CACHE" --threads 4
 CIFAR_MODEL=$CACHE/cifar_resnet_n5000_e6_s0.onnx
 CIFAR_FLAGS=(--scale 255 --mean 0.49,0.48,0.45 --std 0.25,0.24,0.26)
-step deeppatch_cifar 600 "${OR[@]}" repair "$CIFAR_MODEL" --method deeppatch --data "$CACHE/cifar10/train" --limit "$LIMIT" \
+step deeppatch_cifar 360 "${OR[@]}" repair "$CIFAR_MODEL" --method deeppatch --data "$CACHE/cifar10/train" --limit "$LIMIT" \
   --device "$DEVICE" --provider "$DEVICE" --epochs "$EPOCHS" -o "$WORK/cifar_deeppatch.onnx" --report "$WORK/deeppatch_report.json" \
   --json -q "${CIFAR_FLAGS[@]}"
 

@@ -286,11 +286,11 @@ def evaluate_models(
 
     if corr_names or blur:
         with progress.task("perturbed", total=nb * (steps_per_batch - 1)) as advance:
-            for b in range(nb):
+            for b, raw in enumerate(_prefetched(ds.x, batch_size)):
                 lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
                 yb = y_all[lo:hi]
                 # all models share the unit tensor; contracts differ only in to_model
-                unit_dev = ms[0].unit_contract.to_unit(ds.x[lo:hi]).to(dev)
+                unit_dev = ms[0].unit_contract.to_unit(raw).to(dev)
                 for c in corr_names:
                     for s in sev:
                         if s not in C.SEVERITIES[c]:
@@ -509,6 +509,28 @@ def _feeder(m: _Model, device: torch.device | None = None):
     if np.issubdtype(m.in_dtype, np.floating):
         return m.contract.numpy_feeder(m.in_dtype)
     return lambda raw, out=None: np.ascontiguousarray(m.contract.to_model(m.contract.to_unit(raw)).numpy(), dtype=m.in_dtype)
+
+
+def _prefetched(x, batch_size: int):
+    """Yield ``x`` in batches, reading batch i+1 in a thread while the caller works on batch i: a lazy image
+    array (:mod:`onnxrepair.data.lazy`) decodes the next batch while this one is perturbed and scored."""
+    from .data.lazy import is_lazy
+
+    n = len(x)
+    if not is_lazy(x):  # slices of an array cost nothing
+        for lo in range(0, n, batch_size):
+            yield x[lo : lo + batch_size]
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="onnxrepair-prefetch")
+    try:
+        nxt = pool.submit(x.__getitem__, slice(0, batch_size))
+        for lo in range(0, n, batch_size):
+            raw = nxt.result()
+            if lo + batch_size < n:
+                nxt = pool.submit(x.__getitem__, slice(lo + batch_size, lo + 2 * batch_size))
+            yield raw
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _clean_predictions(ms: Sequence[_Model], x: np.ndarray, batch_size: int, prefetch: bool = True, device: torch.device | None = None):
