@@ -39,7 +39,7 @@ from .perturb import corruptions as C
 from .perturb.attacks import ATTACKS, make_attack, resolve_attacks
 from .perturb.blur import DEEPPATCH_SIGMAS, gaussian_blur
 from .progress import SILENT, Reporter
-from .runtime import ORT_TO_NP, Session, make_session
+from .runtime import ORT_TO_NP, Session, make_session, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +262,14 @@ def evaluate_models(
     def predict(m: _Model, unit: torch.Tensor, cache: dict) -> np.ndarray:
         # models whose contracts make the same input share one feed (keyed by value, not identity: the CLI
         # builds one contract object per model)
-        key = (m.unit_contract.key(), m.in_dtype)
+        key = (m.unit_contract.key(), m.in_dtype, m.session.binds)
         feed = cache.get(key)
         if feed is None:
-            feed = np.ascontiguousarray(m.unit_contract.to_model(unit).detach().cpu().numpy(), dtype=m.in_dtype)
+            feed = m.unit_contract.to_model(unit).detach()
+            if m.session.binds:  # stays where it is (on the GPU): onnxruntime's I/O binding reads it in place
+                feed = feed.to(torch_dtype(m.in_dtype)).contiguous()
+            else:
+                feed = np.ascontiguousarray(feed.cpu().numpy(), dtype=m.in_dtype)
             cache[key] = feed
         out = m.session.run({m.in_name: feed})[0]
         return m.session.classes(out)
@@ -273,7 +277,7 @@ def evaluate_models(
     # --- clean pass: the lean path (numpy only, one feed per contract group, next batch prepared while
     # onnxruntime runs this one; ORT releases the GIL, so the two overlap)
     with progress.task("clean", total=nb) as advance:
-        for lo, hi, preds, dt in _clean_predictions(ms, ds.x, batch_size):
+        for lo, hi, preds, dt in _clean_predictions(ms, ds.x, batch_size, device=dev):
             for m in ms:
                 clean_pred[m.name][lo:hi] = preds[m.name]
                 secs[m.name]["clean"] += dt[m.name]
@@ -282,11 +286,11 @@ def evaluate_models(
 
     if corr_names or blur:
         with progress.task("perturbed", total=nb * (steps_per_batch - 1)) as advance:
-            for b in range(nb):
+            for b, raw in enumerate(_prefetched(ds.x, batch_size)):
                 lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
                 yb = y_all[lo:hi]
                 # all models share the unit tensor; contracts differ only in to_model
-                unit_dev = ms[0].unit_contract.to_unit(ds.x[lo:hi]).to(dev)
+                unit_dev = ms[0].unit_contract.to_unit(raw).to(dev)
                 for c in corr_names:
                     for s in sev:
                         if s not in C.SEVERITIES[c]:
@@ -497,26 +501,53 @@ def find_contract(
     return best, tried
 
 
-def _feeder(m: _Model):
-    """The numpy feeder for float inputs; the torch path for the rare model that takes integers."""
+def _feeder(m: _Model, device: torch.device | None = None):
+    """The numpy feeder for float inputs; the torch path for the rare model that takes integers. A session that
+    binds device tensors (CUDA) gets the raw batch moved to ``device`` once and preprocessed there."""
+    if device is not None and m.session.binds:
+        return lambda raw, out=None: m.contract.to_model(m.contract.to_unit(torch.from_numpy(np.ascontiguousarray(raw)).to(device))).to(torch_dtype(m.in_dtype))
     if np.issubdtype(m.in_dtype, np.floating):
         return m.contract.numpy_feeder(m.in_dtype)
     return lambda raw, out=None: np.ascontiguousarray(m.contract.to_model(m.contract.to_unit(raw)).numpy(), dtype=m.in_dtype)
 
 
-def _clean_predictions(ms: Sequence[_Model], x: np.ndarray, batch_size: int, prefetch: bool = True):
+def _prefetched(x, batch_size: int):
+    """Yield ``x`` in batches, reading batch i+1 in a thread while the caller works on batch i: a lazy image
+    array (:mod:`onnxrepair.data.lazy`) decodes the next batch while this one is perturbed and scored."""
+    from .data.lazy import is_lazy
+
+    n = len(x)
+    if not is_lazy(x):  # slices of an array cost nothing
+        for lo in range(0, n, batch_size):
+            yield x[lo : lo + batch_size]
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="onnxrepair-prefetch")
+    try:
+        nxt = pool.submit(x.__getitem__, slice(0, batch_size))
+        for lo in range(0, n, batch_size):
+            raw = nxt.result()
+            if lo + batch_size < n:
+                nxt = pool.submit(x.__getitem__, slice(lo + batch_size, lo + 2 * batch_size))
+            yield raw
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _clean_predictions(ms: Sequence[_Model], x: np.ndarray, batch_size: int, prefetch: bool = True, device: torch.device | None = None):
     """Yield ``(lo, hi, {name: predictions}, {name: seconds})`` per batch of unperturbed ``x``.
 
     Each group of models whose contracts make the same input gets one feed per batch, built by the
     contract's :class:`~onnxrepair.data.contract.NumpyFeeder` into one of two preallocated buffers; a
     one-slot prefetch thread fills the other buffer with batch i+1 while onnxruntime scores batch i.
-    The ping-pong is safe: batch i+2 is only submitted after batch i's runs have returned.
+    The ping-pong is safe: batch i+2 is only submitted after batch i's runs have returned. Sessions that bind
+    device tensors (CUDA, :attr:`~onnxrepair.runtime.Session.binds`) get the raw batch moved to ``device`` and
+    preprocessed there instead, and onnxruntime reads it in place.
     """
     n = len(x)
     groups: dict[tuple, list[_Model]] = {}
     for m in ms:
-        groups.setdefault((m.contract.key(), m.in_dtype.str), []).append(m)
-    feeders = [(_feeder(g[0]), g) for g in groups.values()]
+        groups.setdefault((m.contract.key(), m.in_dtype.str, m.session.binds), []).append(m)
+    feeders = [(_feeder(g[0], device), g) for g in groups.values()]
     bufs: list[list[np.ndarray | None]] = [[None, None] for _ in feeders]
 
     def prep(b: int) -> list[np.ndarray]:

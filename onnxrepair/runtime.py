@@ -12,6 +12,13 @@ Fixed batch (exports for mobile/edge runtimes often declare an input ``[1, 3, 22
 fixed batch (:attr:`Session.fixed_batch`, from the first input's declared shape) and :meth:`Session.run` feeds any
 number of rows in chunks of it (the last chunk padded with copies of its last row, the padding dropped from the
 outputs), so every caller can hand it the batch it likes.
+
+I/O binding (:meth:`Session.run` with torch tensors as feeds): the tensors are bound where they lie — on a CUDA
+session, CUDA tensors are read in place, with no copy to the host and back — and the outputs are bound on the
+session's device, then copied to the host (a classifier's outputs are small). :attr:`Session.binds` says whether
+callers should hand it device tensors: by default only when the CUDA provider really loaded and every output is a
+tensor (sequences and maps, e.g. ZipMap, cannot be bound). On the CPU provider binding also works (tests compare it
+with plain runs); there it saves nothing, so callers keep feeding numpy.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class Session:
     provider: str  # "cuda" or "cpu": the first provider that actually loaded
     source: str | bytes | None = None  # the file path or model bytes it was made from, for readers of the graph
     reading: str | None = None  # how the first output gives classes: set by the first ``classes`` call
+    bind: bool | None = None  # feed torch tensors through I/O binding; None: when CUDA really runs (see ``binds``)
 
     @property
     def input_names(self) -> list[str]:
@@ -65,19 +73,63 @@ class Session:
         """The batch size the model's inputs declare (an integer first dimension), or None when it is dynamic."""
         return declared_batch(self.sess.get_inputs())
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list:
-        """Run ``feeds``; a model with a fixed batch gets them in chunks of that batch (see the module docstring)."""
+    @functools.cached_property
+    def bindable(self) -> bool:
+        """Every output is a tensor, so all of them can be bound (I/O binding holds no sequences or maps)."""
+        return all(o.type.startswith("tensor(") for o in self.sess.get_outputs())
+
+    @functools.cached_property
+    def device_id(self) -> int:
+        """The GPU the CUDA provider runs on (0 unless the session was made with another ``device_id``)."""
+        return int(self.sess.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
+
+    @property
+    def binds(self) -> bool:
+        """Whether callers should feed torch tensors on their device (bound by :meth:`run`) instead of numpy."""
+        return self.bindable and (self.provider == "cuda" if self.bind is None else self.bind)
+
+    def run(self, feeds: dict, outputs: Sequence[str] | None = None) -> list:
+        """Run ``feeds`` (numpy arrays, or torch tensors: I/O binding, see the module docstring); a model with a
+        fixed batch gets them in chunks of that batch. Returns numpy outputs either way."""
+        if feeds and _is_torch(next(iter(feeds.values()))):
+            if not self.bindable:
+                return self.run({k: v.detach().cpu().numpy() for k, v in feeds.items()}, outputs)
+            return self._run_rows(feeds, outputs, self._run_bound)
+        return self._run_rows(feeds, outputs, lambda f, names: self.sess.run(names, f))
+
+    def _run_rows(self, feeds: dict, outputs: Sequence[str] | None, run_once) -> list:
         names = list(outputs) if outputs else None
         fb = self.fixed_batch
         n = len(next(iter(feeds.values()))) if feeds else 0
         if fb is None or n == fb or not feeds:
-            return self.sess.run(names, feeds)
+            return run_once(feeds, names)
         parts = []
         for lo in range(0, n, fb):
             hi = min(n, lo + fb)
             chunk = {k: _pad_rows(v[lo:hi], fb) for k, v in feeds.items()}
-            parts.append([_take_rows(o, hi - lo) for o in self.sess.run(names, chunk)])
-        return [_concat_rows([p[i] for p in parts]) for i in range(len(parts[0]))] if parts else self.sess.run(names, feeds)
+            parts.append([_take_rows(o, hi - lo) for o in run_once(chunk, names)])
+        return [_concat_rows([p[i] for p in parts]) for i in range(len(parts[0]))] if parts else run_once(feeds, names)
+
+    def _run_bound(self, feeds: dict, names: list[str] | None) -> list[np.ndarray]:
+        """One run with I/O binding: torch inputs bound in place (cast to the input's dtype, made contiguous),
+        outputs allocated by onnxruntime on the session's device and copied to the host."""
+        import torch
+
+        binding = self.sess.io_binding()
+        keep = []  # the bound tensors must outlive the run
+        types = {i.name: ORT_TO_NP.get(i.type, np.float32) for i in self.sess.get_inputs()}
+        device_id = self.device_id
+        for name, t in feeds.items():
+            np_dtype = np.dtype(types.get(name, np.float32))
+            t = t.detach().to(torch_dtype(np_dtype)).contiguous()
+            keep.append(t)
+            if t.is_cuda:
+                torch.cuda.current_stream(t.device).synchronize()  # onnxruntime runs on its own stream: the data must be ready
+            binding.bind_input(name, "cuda" if t.is_cuda else "cpu", t.device.index or 0, np_dtype.type, tuple(t.shape), t.data_ptr())
+        for name in names or self.output_names:
+            binding.bind_output(name, "cuda" if self.provider == "cuda" else "cpu", device_id)
+        self.sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def classes(self, out: np.ndarray) -> np.ndarray:
         """Predicted classes from this session's first output ``out``, read as :func:`output_reading`
@@ -117,7 +169,24 @@ def example_batch(shape: Sequence, default: int = 2) -> int:
     return d if isinstance(d, int) and d > 0 else default
 
 
-def _pad_rows(v: np.ndarray, batch: int) -> np.ndarray:
+def _is_torch(v) -> bool:
+    return type(v).__module__.startswith("torch") and hasattr(v, "data_ptr")
+
+
+def torch_dtype(np_dtype) -> "torch.dtype":  # noqa: F821 - torch is imported on first use
+    """The torch dtype of a numpy dtype (float32, float16, int64, uint8, bool, ...), for device feeds of a model input."""
+    import torch
+
+    return getattr(torch, np.dtype(np_dtype).name)
+
+
+def _pad_rows(v, batch: int):
+    if _is_torch(v):
+        import torch
+
+        if len(v) >= batch or len(v) == 0:
+            return v
+        return torch.cat([v, v[-1:].expand(batch - len(v), *v.shape[1:])], dim=0)
     v = np.ascontiguousarray(v)
     if len(v) >= batch or len(v) == 0:
         return v

@@ -81,7 +81,8 @@ def repair_cmd(
     global_options = frozenset(o[2:] for p in root.params for o in p.opts if o.startswith("--"))
     cfg = registry.make_config(spec, _parse_method_options(list(ctx.args), global_options))
     contract = _options.build_contract(model, layout=layout, scale=scale, mean=mean, std=std, config=config)
-    train = _options.load_data(data, contract, target=target, protected=protected).limit(limit, seed)
+    # --limit goes into the loader: a lazy image folder then settles the contract from the subset and decodes no other rows
+    train = _options.load_data(data, contract, target=target, protected=protected, limit=limit, seed=seed)
     val_ds = _options.load_data(val, contract, target=target, protected=protected) if val is not None else None
     res = repair(
         model, method, train, output=output, val=val_ds, contract=contract, config=cfg,

@@ -1,8 +1,12 @@
-"""In-memory datasets of *raw* values.
+"""Datasets of *raw* values.
 
 Images are kept channel-first in their stored dtype (uint8 for 8-bit images: a 50,000-image
 CIFAR set is 150 MB, never float32 twice); batches become float only when they are used.
 Tabular rows are float32 feature matrices in the model's feature order.
+
+``x`` is a numpy array or, for image folders and uncompressed ``.npz`` images, a
+:class:`~onnxrepair.data.lazy.LazyArray` that reads rows on demand: indexing it gives numpy arrays of just
+those rows, and ``subset`` / ``limit`` / ``split`` give lazy views that read nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from typing import Iterator
 
 import numpy as np
 
+from .lazy import take
+
 
 @dataclass
 class ArrayDataset:
-    x: np.ndarray  # raw: (N, C, H, W) images or (N, F) rows
+    x: np.ndarray  # raw: (N, C, H, W) images or (N, F) rows; or a LazyArray of images (onnxrepair.data.lazy)
     y: np.ndarray | None = None  # (N,) int64 class indices
     classes: list[str] | None = None
     columns: list[str] | None = None  # tabular feature names, in model order
@@ -40,7 +46,7 @@ class ArrayDataset:
     def subset(self, idx: np.ndarray | slice) -> "ArrayDataset":
         return replace(
             self,
-            x=self.x[idx],
+            x=take(self.x, idx),  # a lazy x stays lazy: the rows are read when used
             y=None if self.y is None else self.y[idx],
             extra={k: v[idx] for k, v in self.extra.items()},
         )

@@ -4,8 +4,12 @@
 
 * ``*.npz`` with ``x``/``y`` (also ``x_test``/``y_test``, ``images``/``labels``); NHWC arrays are
   transposed to channel-first when the channel axis is unambiguous (last axis in {1, 3, 4}, axis 1 not);
-  (N, H, W) gets a channel axis; (N, F) stays rows;
-* an image folder ``root/<class>/*.jpg|jpeg|png|bmp`` (classes sorted by name), decoded with Pillow;
+  (N, H, W) gets a channel axis; (N, F) stays rows. Images stored uncompressed (``np.savez``) are read lazily,
+  rows at their offsets in the file; a compressed member (``np.savez_compressed``) cannot be read at an offset
+  and is read whole (the dataset's notes say so);
+* an image folder ``root/<class>/*.jpg|jpeg|png|bmp`` (classes sorted by name), decoded with Pillow on demand
+  (:class:`onnxrepair.data.lazy.LazyArray`: a bounded thread pool and a bounded cache, so memory does not grow
+  with the number of files; the scan reads each file's header only);
 * CIFAR-10/100 python batches (a batch file, or the extracted ``cifar-10-batches-py`` /
   ``cifar-100-python`` folder; ``split`` picks train or test) — read with a restricted unpickler that only
   rebuilds numpy arrays, so a hostile pickle cannot run code;
@@ -36,6 +40,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from .dataset import ArrayDataset
+from .lazy import FileList
 
 log = logging.getLogger(__name__)
 
@@ -93,24 +98,36 @@ def load_dataset(
 
 
 def to_channel_first(x: np.ndarray) -> tuple[np.ndarray, str]:
-    """(N,H,W,C) → (N,C,H,W) when the channel axis is unambiguous; (N,H,W) → (N,1,H,W)."""
+    """(N,H,W,C) → (N,C,H,W) when the channel axis is unambiguous; (N,H,W) → (N,1,H,W). A lazy array gets the
+    change as a per-batch transform of a lazy view."""
+    from .lazy import LazyArray
+
+    lazy = isinstance(x, LazyArray)
     if x.ndim == 3:
+        if lazy:
+            return x.with_transform(lambda b: b[:, None], (1, *x.shape[1:])), "added a channel axis to (N, H, W) images"
         return x[:, None], "added a channel axis to (N, H, W) images"
     if x.ndim == 4:
         first, last = x.shape[1] in (1, 3, 4), x.shape[3] in (1, 3, 4)
         if last and not first:
-            return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), f"transposed NHWC {tuple(x.shape)} to channel-first"
+            note = f"transposed NHWC {tuple(x.shape)} to channel-first"
+            if lazy:
+                return x.with_transform(lambda b: np.ascontiguousarray(b.transpose(0, 3, 1, 2)), (x.shape[3], x.shape[1], x.shape[2])), note
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), note
         if first and last and x.shape[1] != x.shape[3]:
             log.warning("image array %s could be NCHW or NHWC; read as channel-first (N, C, H, W)", tuple(x.shape))
     return x, ""
 
 
 def load_npz(path: Path) -> ArrayDataset:
+    notes: list[str] = []
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
         for kx, ky in (("x", "y"), ("x_test", "y_test"), ("images", "labels"), ("X", "y"), ("data", "labels")):
             if kx in keys:
-                x = z[kx]
+                x = _lazy_member(path, kx, notes)
+                if x is None:
+                    x = z[kx]
                 y = z[ky] if ky in keys else None
                 classes = [str(c) for c in z["classes"]] if "classes" in keys else None
                 break
@@ -119,7 +136,48 @@ def load_npz(path: Path) -> ArrayDataset:
     x, note = to_channel_first(x)
     if note:
         log.info("%s: %s", path, note)
-    return ArrayDataset(x=x, y=_labels(y, path), classes=classes, name=path.stem)
+    return ArrayDataset(x=x, y=_labels(y, path), classes=classes, name=path.stem, notes=notes)
+
+
+LAZY_NPZ_MIN_BYTES = 16 << 20  # smaller image arrays are read whole: nothing to save
+
+
+def _lazy_member(path: Path, key: str, notes: list[str]):
+    """``key`` of the .npz as a :class:`LazyArray` reading rows at their offsets, when it is an image array (3-D or
+    more) of at least ``LAZY_NPZ_MIN_BYTES`` stored uncompressed in C order; else None (the caller reads it whole,
+    and a compressed member gets a note saying so)."""
+    from numpy.lib import format as npformat
+
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(key + ".npy")
+        except KeyError:
+            return None
+        with zf.open(info) as f:
+            read_header = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}.get(npformat.read_magic(f))
+            if read_header is None:  # a .npy format this reader does not place (3.0: utf-8 field names): read whole
+                return None
+            shape, fortran, dtype = read_header(f)
+            header_len = f.tell()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if len(shape) < 3 or nbytes < LAZY_NPZ_MIN_BYTES or dtype.hasobject:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            notes.append(f"{path.name}: '{key}' is compressed ({nbytes / 2**20:.0f} MB unpacked), so it is read whole; "
+                         "store it with np.savez (uncompressed) to have it read lazily")
+            return None
+        if fortran:
+            return None
+        with open(path, "rb") as raw:  # the member's data start: after its local file header (whose extra field can
+            raw.seek(info.header_offset)  # differ from the central directory's) and the .npy header
+            local = raw.read(30)
+            if local[:4] != b"PK\x03\x04":
+                raise DataError(f"{path}: damaged zip archive (no local header for {key}.npy)")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+        offset = info.header_offset + 30 + name_len + extra_len + header_len
+    from .lazy import LazyArray, NpyMemberSource
+
+    return LazyArray(NpyMemberSource(path, offset, tuple(shape), dtype))
 
 
 def _labels(y: np.ndarray | None, path) -> np.ndarray | None:
@@ -140,10 +198,12 @@ def _labels(y: np.ndarray | None, path) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- image folder
 
 
-def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], Counter]:
-    """(classes, [(file, class index)], Counter of (width, height, mode)) of ``root/<class>/*``, reading only image
-    headers. Refuses what is not an image folder: files that are not images (hidden files aside), images lying
-    in ``root`` itself, empty class folders, files Pillow cannot identify."""
+def scan_image_folder(root: Path) -> tuple[list[str], FileList, np.ndarray, Counter]:
+    """(classes, files, labels, Counter of (width, height, mode)) of ``root/<class>/*``, reading only image headers
+    (one open per file; memory per file: its name in a compact :class:`~onnxrepair.data.lazy.FileList` and its
+    label). Refuses what is not an image folder: files that are not images (hidden files aside), images lying in
+    ``root`` itself, empty class folders, files Pillow cannot identify from their header. A file whose header reads
+    but whose data is damaged (a truncated JPEG) is found when it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -155,37 +215,44 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], Co
     if loose_imgs:
         raise DataError(f"{root}: {len(loose_imgs)} image(s) lie beside the class folders (e.g. {loose_imgs[0]}); "
                         "an image folder holds images only inside root/<class>/")
-    files: list[tuple[Path, int]] = []
+    names: list[str] = []
+    labels: list[int] = []
     sizes: Counter = Counter()
     for i, c in enumerate(classes):
-        entries = sorted(f for f in (root / c).iterdir() if not f.name.startswith("."))
-        others = [f for f in entries if f.is_dir() or f.suffix.lower() not in IMAGE_EXTS]
+        with os.scandir(root / c) as it:
+            entries = sorted((e.name, e.is_dir()) for e in it if not e.name.startswith("."))
+        others = [n for n, is_dir in entries if is_dir or Path(n).suffix.lower() not in IMAGE_EXTS]
         if others:
-            raise DataError(f"{root / c}: {len(others)} entr{'y is' if len(others) == 1 else 'ies are'} not image files (e.g. {others[0].name}); "
+            raise DataError(f"{root / c}: {len(others)} entr{'y is' if len(others) == 1 else 'ies are'} not image files (e.g. {others[0]}); "
                             f"an image folder holds only {', '.join(IMAGE_EXTS)} files in root/<class>/")
         if not entries:
             raise DataError(f"{root / c}: class folder {c!r} holds no images")
-        for f in entries:
+        for n, _ in entries:
+            f = root / c / n
             try:
                 with Image.open(f) as im:  # reads the header only
                     sizes[(im.size[0], im.size[1], im.mode)] += 1
             except (UnidentifiedImageError, OSError) as e:
                 raise DataError(f"{f}: not a readable image ({type(e).__name__})") from None
-            files.append((f, i))
-    return classes, files, sizes
+            names.append(f"{c}/{n}")
+            labels.append(i)
+    return classes, FileList(root, names), np.array(labels, dtype=np.int64), sizes
 
 
-def load_image_folder(root: Path, *, resize: tuple[int, int] | None = None, mode: str | None = None) -> ArrayDataset:
-    """``root/<class>/*.jpg|png``: classes sorted by name; all images decoded to one uint8 array.
+def load_image_folder(root: Path, *, resize: tuple[int, int] | None = None, mode: str | None = None,
+                      workers: int | None = None, cache_bytes: int | None = None) -> ArrayDataset:
+    """``root/<class>/*.jpg|png``: classes sorted by name; images decoded on demand (a
+    :class:`~onnxrepair.data.lazy.LazyArray` of uint8, ``workers`` decoding threads, a cache of ``cache_bytes``;
+    see :mod:`onnxrepair.data.lazy`).
 
     ``mode`` "L" or "RGB"; by default grayscale only when every image is grayscale. Images of different sizes
     need ``resize``; sizes are checked from the headers before anything is decoded. ``ds.notes`` says which
     class folders and how many images were found.
     """
-    from PIL import Image
+    from .lazy import FolderSource, LazyArray
 
-    classes, files, sizes = scan_image_folder(root)
-    per_class = Counter(lab for _, lab in files)
+    classes, files, y, sizes = scan_image_folder(root)
+    per_class = np.bincount(y, minlength=len(classes))
     shown = ", ".join(f"{c} ({per_class[i]})" for i, c in enumerate(classes[:12])) + (f", ... ({len(classes)} in all)" if len(classes) > 12 else "")
     dims = Counter({(w, h): 0 for w, h, _ in sizes})
     for (w, h, _), k in sizes.items():
@@ -197,19 +264,7 @@ def load_image_folder(root: Path, *, resize: tuple[int, int] | None = None, mode
     mode = mode or ("L" if gray else "RGB")
     size = None if resize is None else (int(resize[1]), int(resize[0]))  # PIL takes (W, H)
     w, h = size or next(iter(dims))
-    c = 1 if mode == "L" else 3
-    x = np.empty((len(files), c, h, w), dtype=np.uint8)
-    for i, (f, _) in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                im = im.convert(mode)
-                if im.size != (w, h):
-                    im = im.resize((w, h), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.uint8)
-        except Exception as e:
-            raise DataError(f"{f}: cannot decode image: {e}") from e
-        x[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-    y = np.array([lab for _, lab in files], dtype=np.int64)
+    x = LazyArray(FolderSource(files, mode, (w, h), workers=workers, cache_bytes=cache_bytes))
     sz = ", ".join(f"{ww}x{hh}" for ww, hh in dims)
     notes = [f"image folder {root}: {len(classes)} class folder(s): {shown}; {len(files)} images of {sz} ({mode})"]
     if size is not None and any(d != size for d in dims):
@@ -349,7 +404,12 @@ def _load_csv(p: Path, target: str | None, protected: Sequence[str] | None, enco
 
 
 def resize_images(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of channel-first images to ``size`` (H, W), keeping the dtype (batched)."""
+    """Bilinear resize of channel-first images to ``size`` (H, W), keeping the dtype (batched). A lazy array gets
+    a lazy view that resizes each batch it reads."""
+    from .lazy import LazyArray
+
+    if isinstance(x, LazyArray):
+        return x.with_transform(lambda b: resize_images(b, size), (x.shape[1], int(size[0]), int(size[1])))
     import torch
     import torch.nn.functional as F
 
