@@ -113,6 +113,7 @@ def _validate_export(path: str, module: torch.nn.Module, tail, contract: InputCo
         "passed": res.passed, "reason": res.reason, "max_abs": worst["max_abs"], "required_atol": worst["required_atol"],
         "argmax_agreement": worst["argmax_agreement"], "tolerance": dataclasses.asdict(tol), "batches": res.batches,
         "reference_provider": res.reference_provider, "comparisons": [dataclasses.asdict(c) for c in res.comparisons],
+        "tf32": res.tf32,  # the torch side ran with TF32 off (validate._full_fp32)
     }
 
 
