@@ -16,8 +16,10 @@ Every process runs the whole pipeline; only training is split. What each part do
   redundantly on every rank. They are deterministic given identical weights and cost little next to training, so
   a shard + all-reduce would only add communication; the one decision that must never differ between ranks (which
   epoch is best) is taken from rank 0's score (:func:`agree`).
-* **Export, validation, evaluation, the report and the model file**: rank 0 only; the other ranks wait at a barrier
-  and exit 0 without writing anything.
+* **Export, validation, evaluation, the report and the model file**: rank 0 only; the other ranks wait until every
+  rank has finished training (:func:`summary` is a collective) and exit 0 without writing anything. They do not wait
+  through rank 0's evaluation: a barrier held longer than the group's timeout would fail and make torchrun stop
+  rank 0 mid-write; torchrun itself waits for rank 0 and reports its exit.
 
 Backends: gloo on the CPU, NCCL on CUDA (device ``cuda:LOCAL_RANK``). Without torchrun (or with one process) every
 function here is a no-op and nothing is imported from torch.distributed's process group.

@@ -428,18 +428,17 @@ def repair(
                        privileged=privileged, unprivileged=unprivileged, device=str(dev), seed=seed, max_memory=max_memory,
                        progress=progress)
         result = run(prep)
-        scale_out = distributed.summary()  # a collective: every rank
-        if not distributed.is_main():  # rank 0 alone exports, judges and writes; the others wait for it and go
-            distributed.barrier()
+        scale_out = distributed.summary()  # a collective, so also the point where every rank has finished training
+        if not distributed.is_main():
+            # rank 0 alone exports, judges and writes. The others go now rather than wait at a barrier through the
+            # evaluation: a barrier held longer than the group's timeout would fail, and torchrun would then stop
+            # rank 0 mid-write; torchrun waits for rank 0 and reports its failure either way.
             return None
-        try:
-            progress.stage("export")
-            exported = export(prep, result, opset=opset)
-            return judge(prep, result, exported, output=output, max_accuracy_drop=max_accuracy_drop, force=force,
-                         eval_corruptions=eval_corruptions, provider=provider, report_path=report_path, progress=progress,
-                         scale_out=scale_out)
-        finally:
-            distributed.barrier()
+        progress.stage("export")
+        exported = export(prep, result, opset=opset)
+        return judge(prep, result, exported, output=output, max_accuracy_drop=max_accuracy_drop, force=force,
+                     eval_corruptions=eval_corruptions, provider=provider, report_path=report_path, progress=progress,
+                     scale_out=scale_out)
 
 
 def _train_corruptions(cfg: Any) -> tuple[str, ...]:
