@@ -412,8 +412,9 @@ def repair(
 ) -> RepairResult | None:
     """Repair ``model_path`` with ``method`` and write the result to ``output``: :func:`prepare`, :func:`run`,
     :func:`export`, :func:`judge`. Launched by torchrun, every process trains its share of each batch
-    (:mod:`onnxrepair.distributed`) and only rank 0 exports, judges and writes; the others return None. ``max_memory``: the memory budget (see :func:`prepare`); a stage that cannot fit
-    in it even one sample at a time raises :class:`onnxrepair.memory.MemoryBudgetError` (exit 2) before any
+    (:mod:`onnxrepair.distributed`) and only rank 0 exports, judges and writes; the others return None.
+    ``max_memory``: the memory budget (see :func:`prepare`); a stage that cannot fit in it even one sample at a time
+    raises :class:`onnxrepair.memory.MemoryBudgetError` (exit 2) before any
     training, and nothing is written.
 
     Raises :class:`ValidationFailed` (exit 1) when the exported file disagrees with the repaired graph,
