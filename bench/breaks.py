@@ -28,6 +28,9 @@ BREAKS = [
   ("dare: lr/epoch selection reversed (worst kept)", "onnxrepair/methods/dare.py", "        value = -(clean + adv) / 2\n", "        value = (clean + adv) / 2\n", "tests/test_methods_strict.py::test_method_helps_on_its_fixture[dare] tests/test_dare.py"),
   ("archrepair returns its input", "onnxrepair/methods/archrepair.py", "    return MethodOutput(model=model.eval(), info=info, summary=summary)", "    return MethodOutput(model=inputs.model, info=info, summary=summary)", "tests/test_methods_strict.py::test_method_helps_on_its_fixture[archrepair]"),
   ("gate never routes (always the original path)", "onnxrepair/graph/patching.py", "        return self.score(orig, delta) > 0\n", "        return self.score(orig, delta) > 1e30\n", "tests/test_gates.py tests/test_methods_strict.py::test_method_helps_on_its_fixture[deeppatch]"),
+  ("torchrun: gradients not all-reduced (each rank steps on its own slice)", "onnxrepair/distributed.py", "    dist.all_reduce(flat)\n", "    pass  # BREAK\n", "tests/test_distributed.py"),
+  ("torchrun: batches not sharded (every rank trains on every row)", "onnxrepair/distributed.py", "        lo, hi = shard_range(len(batch))\n        return batch[lo:hi]\n", "        return batch  # BREAK\n", "tests/test_distributed.py"),
+  ("fidelity check with TF32 left as the session has it", "onnxrepair/validate.py", "    with torch.no_grad(), _full_fp32():\n", "    with torch.no_grad():\n", "tests/test_validate_tf32.py"),
 ]
 def copy():
     if DST.exists(): shutil.rmtree(DST)

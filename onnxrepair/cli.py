@@ -50,7 +50,11 @@ def _root(
         import torch
 
         torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # under torchrun the other ranks say only errors; rank 0 speaks for the run (onnxrepair.distributed.env_rank,
+    # read here without importing torch)
+    quiet_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    logging.basicConfig(level=logging.ERROR if quiet_rank else logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         # onnx2torch's converters trip torch deprecation warnings (slice indexing) that say nothing to a user of
         # this tool; --verbose shows them

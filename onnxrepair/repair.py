@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from . import distributed
 from . import methods as method_registry
 from .data.contract import METADATA_KEY, InputContract
 from .data.dataset import ArrayDataset
@@ -65,6 +66,7 @@ class RepairResult:
     environment: dict[str, Any] = field(default_factory=dict)  # device, provider really used, GPU, versions
     export: dict[str, Any] = field(default_factory=dict)  # opset kept, node counts, conversion passes, notes
     memory: dict[str, Any] = field(default_factory=dict)  # budget, peak resident memory per stage, how passes were sized
+    distributed: dict[str, Any] = field(default_factory=lambda: {"world_size": 1})  # torchrun: ranks, backend, samples per rank
     version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +113,7 @@ def _validate_export(path: str, module: torch.nn.Module, tail, contract: InputCo
         "passed": res.passed, "reason": res.reason, "max_abs": worst["max_abs"], "required_atol": worst["required_atol"],
         "argmax_agreement": worst["argmax_agreement"], "tolerance": dataclasses.asdict(tol), "batches": res.batches,
         "reference_provider": res.reference_provider, "comparisons": [dataclasses.asdict(c) for c in res.comparisons],
+        "tf32": res.tf32,  # the torch side ran with TF32 off (validate._full_fp32)
     }
 
 
@@ -301,6 +304,7 @@ def judge(
     provider: str = "auto",
     report_path: str | os.PathLike | None = None,
     progress: Reporter = SILENT,
+    scale_out: dict[str, Any] | None = None,
 ) -> RepairResult:
     """Stage 4: write the exported file to a temporary path, check it against the repaired graph, evaluate the
     original and repaired *files* on the held-out split on onnxruntime, apply the retention contract, and rename
@@ -354,6 +358,7 @@ def judge(
                     "conversion_passes": [str(p) for p in prep.converted.passes],
                     "notes": list(prep.converted.notes) + list(exported.notes)},
             memory=prep.memory.report() if prep.memory is not None else {},
+            distributed=scale_out or {"world_size": 1},
         )
         res.timings_s["total"] = time.perf_counter() - prep.t0
         if report_path is not None:
@@ -404,10 +409,12 @@ def repair(
     max_memory: int | str | None = None,
     progress: Reporter = SILENT,
     opset: int | None = None,
-) -> RepairResult:
+) -> RepairResult | None:
     """Repair ``model_path`` with ``method`` and write the result to ``output``: :func:`prepare`, :func:`run`,
-    :func:`export`, :func:`judge`. ``max_memory``: the memory budget (see :func:`prepare`); a stage that cannot fit
-    in it even one sample at a time raises :class:`onnxrepair.memory.MemoryBudgetError` (exit 2) before any
+    :func:`export`, :func:`judge`. Launched by torchrun, every process trains its share of each batch
+    (:mod:`onnxrepair.distributed`) and only rank 0 exports, judges and writes; the others return None.
+    ``max_memory``: the memory budget (see :func:`prepare`); a stage that cannot fit in it even one sample at a time
+    raises :class:`onnxrepair.memory.MemoryBudgetError` (exit 2) before any
     training, and nothing is written.
 
     Raises :class:`ValidationFailed` (exit 1) when the exported file disagrees with the repaired graph,
@@ -417,14 +424,22 @@ def repair(
     check_output_path(output, model_path)  # before any work: a bad output path costs nothing
     if report_path is not None:
         check_output_path(report_path, model_path)
-    prep = prepare(model_path, method, train, val=val, contract=contract, config=config, options=options, protected=protected,
-                   privileged=privileged, unprivileged=unprivileged, device=device, seed=seed, max_memory=max_memory,
-                   progress=progress)
-    result = run(prep)
-    progress.stage("export")
-    exported = export(prep, result, opset=opset)
-    return judge(prep, result, exported, output=output, max_accuracy_drop=max_accuracy_drop, force=force,
-                 eval_corruptions=eval_corruptions, provider=provider, report_path=report_path, progress=progress)
+    with distributed.session(pick_device(device)) as dev:  # under torchrun: join the group (gloo / NCCL)
+        prep = prepare(model_path, method, train, val=val, contract=contract, config=config, options=options, protected=protected,
+                       privileged=privileged, unprivileged=unprivileged, device=str(dev), seed=seed, max_memory=max_memory,
+                       progress=progress)
+        result = run(prep)
+        scale_out = distributed.summary()  # a collective, so also the point where every rank has finished training
+        if not distributed.is_main():
+            # rank 0 alone exports, judges and writes. The others go now rather than wait at a barrier through the
+            # evaluation: a barrier held longer than the group's timeout would fail, and torchrun would then stop
+            # rank 0 mid-write; torchrun waits for rank 0 and reports its failure either way.
+            return None
+        progress.stage("export")
+        exported = export(prep, result, opset=opset)
+        return judge(prep, result, exported, output=output, max_accuracy_drop=max_accuracy_drop, force=force,
+                     eval_corruptions=eval_corruptions, provider=provider, report_path=report_path, progress=progress,
+                     scale_out=scale_out)
 
 
 def _train_corruptions(cfg: Any) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .data.contract import InputContract
 from .data.dataset import ArrayDataset
 from .nn import first_output, log_probs
@@ -111,6 +112,8 @@ def train_loop(
     after_step: Callable[[], None] | None = None,
     after_epoch: Callable[[], None] | None = None,
     batch_len: Callable[[Batch], int] = lambda b: len(b[-1]),
+    prepare: Callable[[Batch, int], Batch] | None = None,
+    batch_weight: Callable[[Batch], float] | None = None,
     progress: Reporter = SILENT,
     label: str = "train",
 ) -> TrainResult:
@@ -127,6 +130,15 @@ def train_loop(
     ``keep="last"`` the last epoch's. ``train_mode`` puts the model in train mode while stepping (full
     fine-tuning); otherwise it stays in eval mode so frozen BatchNorm statistics and disabled dropout stay.
     The model is in eval mode afterwards.
+
+    Under torchrun (:mod:`onnxrepair.distributed`) each rank draws the same global batch, ``prepare(batch, step)``
+    (the batch's randomness: perturbation, augmented views, attack starts) runs on the whole of it on every rank,
+    then each rank takes its slice (:func:`onnxrepair.distributed.shard`) for ``step_loss``, and the gradients of
+    the optimiser's parameters are all-reduced weighted by ``batch_weight(slice)`` (default ``batch_len``; a
+    weighted mean loss passes its slice's total row weight), so that a step equals the single-process step on the
+    whole batch. ``step_loss`` must be a mean over the slice's samples (or rows' weights) for that to hold. The
+    optimiser's parameters start from rank 0's values; the epoch score is rank 0's, so every rank keeps the same
+    checkpoint. Without a process group, ``prepare`` just runs before ``step_loss``.
     """
     if keep not in ("best", "last"):
         raise ValueError(f"keep must be best or last, not {keep!r}")
@@ -140,8 +152,16 @@ def train_loop(
     best: dict[str, Any] = {"epoch": None, "value": None, "state": None}
     original = None
 
+    dist_on = distributed.active()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    weight_of = batch_weight or batch_len
+    if dist_on:  # every rank starts from rank 0's weights (and the same shapes, or this raises)
+        distributed.broadcast_(params)
+        distributed.count(0, loops=1)
+
     def consider(epoch: int, row: dict[str, Any]) -> None:
         value, info = score(epoch)
+        value = distributed.agree(value)  # rank 0's verdict: every rank keeps the same checkpoint
         row.update(info)
         row["score"] = value
         if value is not None and (best["value"] is None or value > best["value"]):
@@ -160,21 +180,32 @@ def train_loop(
             model.train(train_mode)
             total, count = 0.0, 0
             for batch in batches(epoch):
-                loss = step_loss(batch, step)
+                if prepare is not None:
+                    batch = prepare(batch, step)
+                n = batch_len(batch)  # the global batch
+                local = distributed.shard(batch) if dist_on else batch
+                loss = step_loss(local, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                share = 1.0
+                if dist_on:
+                    share = distributed.sync_grads(params, weight_of(local))
+                    distributed.count(batch_len(local), steps=1)
                 if before_step is not None:
                     before_step()
                 optimizer.step()
+                if dist_on and train_mode:  # BatchNorm running statistics, updated per slice, kept identical
+                    distributed.average_(model.buffers())
                 if after_step is not None:
                     after_step()
-                n = batch_len(batch)
-                total += float(loss.detach()) * n
+                total += float(loss.detach()) * share * n  # summed over ranks: the loss over the whole batch
                 count += n
                 step += 1
                 advance()
             if after_epoch is not None:
                 after_epoch()
+            if dist_on:
+                total = distributed.all_sum(total)[0]
             model.eval()
             row = {"epoch": epoch, "loss": total / max(count, 1)}
             if score is not None:
@@ -209,10 +240,15 @@ def fit(
     train_mode: bool = False,
     progress: Reporter = SILENT,
     state_filter: Callable[[str], bool] | None = None,
+    augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """:func:`train_loop` with SGD over labelled images: ``batch_loss(x_unit, y, step)``; ``model`` ends holding
+    """:func:`train_loop` with SGD over labelled images: ``batch_loss(x, y, step)``; ``model`` ends holding
     the checkpoint with the best ``score()["mixed"]`` (epoch 0, the original, competes too), in eval mode.
-    ``state_filter`` limits which state-dict entries are checkpointed (the trainable ones)."""
+    ``state_filter`` limits which state-dict entries are checkpointed (the trainable ones).
+
+    ``x`` is the unit batch, or ``augment(x_unit, step)`` when given: the batch's randomness (perturbed copies,
+    views, attack starts, stacked along dim 1 if several), drawn on the whole global batch so that every rank of a
+    distributed run slices the same draws (``batch_loss`` sees this rank's rows)."""
     torch.manual_seed(seed)
     opt = torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
@@ -224,9 +260,10 @@ def fit(
         s = score()
         return s["mixed"], dict(s)
 
+    prepare = None if augment is None else (lambda b, step: (augment(b[0], step), b[1]))
     res = train_loop(model, opt, batches, lambda b, step: batch_loss(b[0], b[1], step), epochs=epochs,
                      n_batches=(len(train) + batch_size - 1) // batch_size, score=scored, keep="best",
-                     train_mode=train_mode, state_keys=state_filter, progress=progress)
+                     train_mode=train_mode, state_keys=state_filter, prepare=prepare, progress=progress)
     for row in res.history:  # the history speaks of the calibration score's own keys
         row.pop("score", None)
     return res
@@ -250,11 +287,14 @@ def train_mixture(
     memory budget may lower; accuracy does not depend on it)."""
     gen = np.random.default_rng(kw["seed"])
 
-    def batch_loss(unit: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        out = first_output(model(contract.to_model(perturb_mixture(unit, spec, perturb_prob, gen))))
+    def mix(unit: torch.Tensor, step: int) -> torch.Tensor:  # on the global batch: every rank draws the same
+        return perturb_mixture(unit, spec, perturb_prob, gen)
+
+    def batch_loss(x_unit: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        out = first_output(model(contract.to_model(x_unit)))
         return torch.nn.functional.nll_loss(log_probs(out, output_kind), y)
 
-    return fit(model, params, train, batch_loss, lambda: calib_score(model, calib, eval_batch), contract=contract, **kw)
+    return fit(model, params, train, batch_loss, lambda: calib_score(model, calib, eval_batch), contract=contract, augment=mix, **kw)
 
 
 def calib_score(model: nn.Module, calib: CalibSet, batch_size: int = 512) -> dict[str, float]:
@@ -346,6 +386,7 @@ def fit_rows(model: nn.Module, x: np.ndarray, y: np.ndarray, w: np.ndarray, *, e
         nll = -lp.gather(1, yt[idx, None]).squeeze(1)
         return (nll * wt[idx]).sum() / wt[idx].sum().clamp_min(1e-12)
 
+    # the loss is a weighted mean: a distributed slice counts by its rows' total weight, not its row count
     train_loop(model, opt, batches, step_loss, epochs=epochs, n_batches=-(-len(xt) // batch_size), keep="last",
-               train_mode=True, batch_len=len, progress=progress, label=label)
+               train_mode=True, batch_len=len, batch_weight=lambda idx: float(wt[idx].sum()), progress=progress, label=label)
     return model.cpu().eval()

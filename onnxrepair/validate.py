@@ -19,6 +19,7 @@ candidate's outputs line up name by name with the reference file's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,7 @@ class ValidationResult:
     comparisons: list[OutputComparison] = field(default_factory=list)
     passed: bool = False
     reason: str = ""
+    tf32: bool = False  # torch's TF32 matmul/convolution mode while a torch candidate ran: always off (see _full_fp32)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,12 +155,28 @@ def compare_arrays(name: str, ref: np.ndarray, cand: np.ndarray, batch: int, tol
                             int(ref.size), agree, bool(ok))
 
 
+@contextlib.contextmanager
+def _full_fp32():
+    """TF32 off for torch's CUDA matmuls and cuDNN convolutions while a comparison runs, restored afterwards: on
+    Ampere and later TF32 rounds float32 inputs to 10 mantissa bits, which a fidelity tolerance of 1e-5 must not be
+    asked to absorb (it would hide a real difference, or fail a faithful export). No effect on the CPU."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _run_torch(module, feeds: dict[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
     import torch
 
     module.eval()
-    with torch.no_grad():
-        out = module(*[torch.from_numpy(v) for v in feeds.values()])
+    with torch.no_grad(), _full_fp32():
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        out = module(*[torch.from_numpy(v).to(device) for v in feeds.values()])
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     return [o.detach().cpu().numpy() for o in outs][: len(names)]
 

@@ -18,6 +18,8 @@ METHOD_SIDE = ("onnxrepair.methods", "onnxrepair.transform", "onnxrepair.train",
 ONNX = ("onnx", "onnxruntime", "converters")
 RULES: dict[str, tuple[str, ...]] = {
     "onnxrepair.errors": ("onnxrepair.",),
+    # the process group and its collectives: below the training loop, knows nothing of methods, verdicts or ONNX
+    "onnxrepair.distributed": METHOD_SIDE + VERDICT + PIPELINE + ONNX + ("onnxrepair.data", "onnxrepair.perturb"),
     "onnxrepair.data": METHOD_SIDE + VERDICT + PIPELINE + ("onnxrepair.perturb",),
     "onnxrepair.perturb": METHOD_SIDE + VERDICT + PIPELINE,
     "onnxrepair.metrics": METHOD_SIDE + VERDICT + PIPELINE,

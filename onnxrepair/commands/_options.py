@@ -111,11 +111,14 @@ def load_data(
 def reporter(quiet: bool, log_json: Path | None, *inputs):
     """The command's :class:`~onnxrepair.progress.Reporter`: stderr progress unless ``quiet``; ``--log-json`` lines
     (never over an input)."""
+    from ..distributed import env_rank
     from ..io import check_output_path
-    from ..progress import Reporter
+    from ..progress import SILENT, Reporter
 
     if log_json is not None:
         check_output_path(log_json, *inputs)
+    if env_rank() != 0:  # under torchrun only rank 0 shows progress and writes the log
+        return SILENT
     return Reporter(enabled=not quiet, log_json=str(log_json) if log_json is not None else None)
 
 

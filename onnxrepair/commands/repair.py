@@ -91,6 +91,8 @@ def repair_cmd(
         provider=provider, device=device, seed=seed, report_path=report, max_memory=max_memory,
         progress=_options.reporter(quiet, log_json, model), opset=opset,
     )
+    if res is None:  # a torchrun rank other than 0: it trained its share; rank 0 reports and writes
+        return
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
     else:

@@ -71,15 +71,21 @@ def adversarial_training(inputs: RepairInputs, cfg: AdversarialTrainingConfig) -
 
     wrapped = ModelWithContract(model, contract)
 
-    def attack(unit: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    def attack(unit: torch.Tensor, y: torch.Tensor, seed: int, start: torch.Tensor | None = None) -> torch.Tensor:
         if cfg.attack == "fgsm":
             return FGSM(wrapped, cfg.eps, seed=seed, output_kind=kind)(unit, y)
         if cfg.attack == "cw":
             return CW(wrapped, cfg.eps, steps=cfg.steps, seed=seed, output_kind=kind)(unit, y)
-        return PGD(wrapped, cfg.eps, steps=cfg.steps, alpha=cfg.step_size, seed=seed, output_kind=kind)(unit, y)
+        return PGD(wrapped, cfg.eps, steps=cfg.steps, alpha=cfg.step_size, seed=seed, output_kind=kind, start=start)(unit, y)
 
-    def batch_loss(unit: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        adv = attack(unit, y, inputs.seed * 1_000_003 + step)  # fresh random start per batch
+    def with_start(unit: torch.Tensor, step: int) -> torch.Tensor:
+        """PGD's random start (fresh per batch) drawn on the whole global batch, stacked as (N, 2, C, H, W), so a
+        distributed rank attacks its own rows from the very starts one process would use."""
+        return torch.stack([unit, PGD.draw_start(unit, inputs.seed * 1_000_003 + step)], dim=1)
+
+    def batch_loss(x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        unit, start = (x[:, 0], x[:, 1]) if cfg.attack == "pgd" else (x, None)
+        adv = attack(unit, y, inputs.seed * 1_000_003 + step, start)  # FGSM and CW draw nothing: per-row attacks
         n = len(y)
         w = cfg.clean_weight
         if w == 0:
@@ -95,7 +101,7 @@ def adversarial_training(inputs: RepairInputs, cfg: AdversarialTrainingConfig) -
 
     best_epoch, history = fit_all_weights(
         model, params, train, batch_loss, score, contract=contract, device=dev, seed=inputs.seed,
-        progress=inputs.progress, **cfg.sgd_kwargs(),
+        progress=inputs.progress, augment=with_start if cfg.attack == "pgd" else None, **cfg.sgd_kwargs(),
     )
     info = peer_info(names, params, best_epoch, history, f"calib_{cfg.attack}", attack={
         "name": {"pgd": "pgd-linf", "fgsm": "fgsm", "cw": "cw-l2"}[cfg.attack], "eps": cfg.eps, "steps": cfg.steps, "step_size": cfg.step_size,

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from .. import distributed
 from ..errors import UsageError
 from ..graph import split_at
 from ..graph.edit import region_nodes, replace_region
@@ -556,6 +557,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         w_params = [p for n, p in cell_mod.named_parameters() if not n.startswith("alphas")]
         opt_w = torch.optim.SGD(w_params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
         opt_a = torch.optim.Adam(alphas, lr=cfg.arch_lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        distributed.broadcast_(alphas)  # under torchrun every rank starts from rank 0's alphas (train_loop: the weights)
 
         def search_batches(epoch: int):
             a_iter = _cycle(a_set, cfg.batch_size, inputs.seed * 1000 + epoch + 500)
@@ -566,6 +568,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
             wb, ab = batch
             opt_a.zero_grad(set_to_none=True)
             _ce(relaxed_runner(ab), ab.y, kind).backward()  # first-order DARTS: alpha on the held-out half
+            distributed.sync_grads(alphas, len(ab))  # under torchrun: this rank's slice of ab; the step sees all of it
             opt_a.step()
             return _ce(relaxed_runner(wb), wb.y, kind)
 

@@ -84,11 +84,17 @@ def augmix_method(inputs: RepairInputs, cfg: AugMixConfig) -> MethodOutput:
     def view(unit: torch.Tensor) -> torch.Tensor:
         return augmix(unit, gen, ops, width=cfg.width, depth=cfg.depth, alpha=cfg.alpha, max_severity=cfg.max_severity)
 
-    def batch_loss(unit: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        n = len(y)
+    def views(unit: torch.Tensor, step: int) -> torch.Tensor:
+        """The batch's random views, drawn on the whole (global) batch: (N, C, H, W) or (N, 3, C, H, W)."""
         if cfg.jsd_lambda == 0:  # AugMix data only: one view, plain cross-entropy
-            return F.nll_loss(log_probs(first_output(model(contract.to_model(view(unit)))), kind), y)
-        allx = torch.cat([unit, view(unit), view(unit)])
+            return view(unit)
+        return torch.stack([unit, view(unit), view(unit)], dim=1)
+
+    def batch_loss(x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        n = len(y)
+        if cfg.jsd_lambda == 0:
+            return F.nll_loss(log_probs(first_output(model(contract.to_model(x))), kind), y)
+        allx = x.transpose(0, 1).reshape(3 * n, *x.shape[2:])  # clean, view 1, view 2 (this rank's rows)
         lp = log_probs(first_output(model(contract.to_model(allx))), kind)
         lp_clean, lp1, lp2 = lp[:n], lp[n : 2 * n], lp[2 * n :]
         return F.nll_loss(lp_clean, y) + cfg.jsd_lambda * jsd_loss(lp_clean, lp1, lp2)
@@ -98,7 +104,7 @@ def augmix_method(inputs: RepairInputs, cfg: AugMixConfig) -> MethodOutput:
 
     best_epoch, history = fit_all_weights(
         model, params, train, batch_loss, score, contract=contract, device=dev, seed=inputs.seed,
-        progress=inputs.progress, **cfg.sgd_kwargs(),
+        progress=inputs.progress, augment=views, **cfg.sgd_kwargs(),
     )
     info = peer_info(names, params, best_epoch, history, "calib_perturbed", augmix={
         "ops": list(ops), "width": cfg.width, "depth": cfg.depth, "alpha": cfg.alpha,

@@ -96,16 +96,24 @@ class PGD(Attack):
     name = "pgd"
     norm = "linf"
 
-    def __init__(self, model, eps, *, steps: int = 10, alpha: float | None = None, random_start: bool = True, seed: int = 0, output_kind: str = "logits"):
+    def __init__(self, model, eps, *, steps: int = 10, alpha: float | None = None, random_start: bool = True, seed: int = 0, output_kind: str = "logits",
+                 start: torch.Tensor | None = None):
         super().__init__(model, eps, seed=seed, output_kind=output_kind)
         self.steps = int(steps)
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / max(1, self.steps)
         self.random_start = random_start
+        self.start = start  # uniform [0, 1) draws like x (``draw_start``); None: drawn here from ``seed``
+
+    @staticmethod
+    def draw_start(x: torch.Tensor, seed: int) -> torch.Tensor:
+        """The uniform draws PGD(seed=seed) makes for its random start on ``x`` (drawn for a whole batch and then
+        sliced, a part of the batch is attacked from the same starts as the whole)."""
+        return torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)).to(x)
 
     def perturb(self, x, y):
         x0 = x
         if self.random_start and self.eps > 0:
-            u = torch.rand(x.shape, generator=self._gen(x)).to(x)
+            u = self.start.to(x) if self.start is not None else self.draw_start(x, self.seed)
             x = (x0 + (2 * u - 1) * self.eps).clamp(0, 1)
         for _ in range(self.steps):
             x = x + self.alpha * self._grad(x, y).sign()
