@@ -137,16 +137,19 @@ def make_history(dataset: str, data_dir: Path, work: Path, *, n_train: int, n_te
 
 
 
-def ensure_history(dataset: str, data_dir: Path, work: Path, *, seed: int, retrain: bool = False, data: tuple | None = None,
-                   **kw) -> Path:
-    """The seed's history directory: reused when its recorded settings equal these (and the cached pool/test split is
-    there), trained otherwise."""
+def history_ready(dataset: str, work: Path, *, seed: int, **kw) -> bool:
+    """Whether ``work`` holds the seed's history trained with these settings (and the pool/test split)."""
     out = history_dir(work, dataset, seed)
     meta = out / "history.json"
-    want = settings(dataset, seed=seed, **kw)
-    if (not retrain and meta.exists() and (out / "final.onnx").exists() and (work / dataset / "data.npz").exists()
-            and json.loads(meta.read_text()).get("settings") == want):
-        return out
+    return (meta.exists() and (out / "final.onnx").exists() and (work / dataset / "data.npz").exists()
+            and json.loads(meta.read_text()).get("settings") == settings(dataset, seed=seed, **kw))
+
+
+def ensure_history(dataset: str, data_dir: Path, work: Path, *, seed: int, retrain: bool = False, data: tuple | None = None,
+                   **kw) -> Path:
+    """The seed's history directory: reused when :func:`history_ready`, trained otherwise."""
+    if not retrain and history_ready(dataset, work, seed=seed, **kw):
+        return history_dir(work, dataset, seed)
     return make_history(dataset, data_dir, work, seed=seed, data=data, **kw)
 
 
