@@ -205,6 +205,40 @@ def table(agg: dict) -> tuple[str, dict]:
     return "\n".join(lines), verdict
 
 
+def merge(paths: list[Path], out: Path | None) -> int:
+    """One table from result JSONs that ran the same command for different seeds (e.g. one process per seed, each
+    started when its history was trained): per-seed rows concatenated in seed order, then aggregated as one run."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    strip = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seeds", "out", "merge")}  # noqa: E731
+    if any(strip(r) != strip(runs[0]) for r in runs):
+        raise SystemExit("dare.py --merge: the runs differ in settings other than --seeds/--out")
+    pairs = sorted((s, row) for r in runs for s, row in zip(r["seeds"], r["per_seed"]))
+    seeds = [s for s, _ in pairs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"dare.py --merge: a seed appears twice ({seeds})")
+    per_seed = [row for _, row in pairs]
+    agg = aggregate(per_seed)
+    txt, verdict = table(agg)
+    cmd = runs[0]["command"].replace(f"--seeds {runs[0]['settings']['seeds']}", "--seeds " + ",".join(map(str, seeds)))
+    if runs[0]["settings"].get("out"):
+        cmd = cmd.replace(f" --out {runs[0]['settings']['out']}", "")
+    cmd_note = f"(run as {len(runs)} processes, merged with bench/dare.py --merge)"
+    setup = runs[0]["setup"].replace(f"seeds {runs[0]['seeds']}", f"seeds {seeds}")
+    hists = {k: v for r in runs for k, v in r.get("histories", {}).items()}
+    setup = setup.split("\n# seed ")[0] + "\n# " + "; ".join(
+        f"seed {s} test acc per epoch " + " ".join(f"{100 * e['test_accuracy']:.1f}" for e in hists[str(s)]["epochs"])
+        for s in seeds if str(s) in hists)
+    out = out or paths[0].with_name(f"dare_{runs[0]['dataset']}.json")
+    payload = {**runs[0], "command": cmd, "merged_from": [str(p) for p in paths], "seeds": seeds, "histories": hists,
+               "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "setup": setup,
+               "total_s": sum(r["total_s"] for r in runs)}
+    out.write_text(json.dumps(payload, indent=1, default=float))
+    text = "# " + cmd + "  " + cmd_note + "\n" + setup + "\n" + txt + "\n" + json.dumps(verdict) + "\n"
+    out.with_suffix(".txt").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
@@ -213,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", choices=sorted(CONTRACTS), default="cifar10")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--n-train", type=int, default=5000, help="images the model trains on; the pool gets as many")
-    ap.add_argument("--history-epochs", type=int, default=15)
+    ap.add_argument("--n-train", type=int, default=4000, help="images the model trains on; the pool gets as many")
+    ap.add_argument("--history-epochs", type=int, default=12)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--history-lr", type=float, default=2e-3)
     ap.add_argument("--no-augment", dest="augment", action="store_false", help="train the history without flips and crops")
@@ -222,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-clean-drop", type=float, default=0.5,
                     help="checkpoint choice of every method: calibration clean-accuracy points an epoch may lose (100: no limit)")
     ap.add_argument("--n-eval", type=int, default=300, help="test images scored (clean and attacked)")
+    ap.add_argument("--pool-size", type=int, default=0,
+                    help="pool images every method gets (a random subset, the same for every seed; 0: the whole pool)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="result JSONs of the same command run one seed each: write their merged table and exit")
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every peer")
     ap.add_argument("--dare-epochs", type=int, default=10)
     ap.add_argument("--dare-lrs", default="1e-5,1e-4,1e-3")
@@ -233,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--summarise", type=Path, default=None, help="print the table of a (partial) result JSON and exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.summarise is not None:
         done = json.loads(args.summarise.read_text())
         txt, verdict = table(aggregate(done["per_seed"]))
@@ -259,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     hist = hists[min(hists)]
     d = np.load(args.work / args.dataset / "data.npz")
     contract = CONTRACTS[args.dataset]
-    pool = ArrayDataset(x=d["pool_x"], y=d["pool_y"], name=f"{args.dataset}-pool")
+    pool = ArrayDataset(x=d["pool_x"], y=d["pool_y"], name=f"{args.dataset}-pool").limit(args.pool_size or None, seed=0)
     test = ArrayDataset(x=d["test_x"], y=d["test_y"], name=f"{args.dataset}-test").limit(args.n_eval, seed=0)
     cmd = ".venv/bin/python " + " ".join(["bench/dare.py", *(argv if argv is not None else sys.argv[1:])])
     out = args.out or ROOT / "bench" / "results" / f"dare_{args.dataset}.json"
@@ -277,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = (f"# {args.dataset}: SmallCNN width {hist['width']} trained on {hist['train']} images for {len(hist['epochs'])} epochs "
              f"(Adam lr {hist['lr']:g}, {'flip+crop' if hist.get('augment') else 'no'} augmentation), "
              + ("one shared history (seed 0)" if args.shared_history else "one history per seed, trained with that seed")
-             + f", pool {hist['pool']}, {len(test)} test images, seeds {seeds}; eps Linf {BUDGETS[args.dataset]['linf']:.4g}, "
+             + f", pool {len(pool)} of {hist['pool']}, {len(test)} test images, seeds {seeds}; eps Linf {BUDGETS[args.dataset]['linf']:.4g}, "
              f"CW L2 {BUDGETS[args.dataset]['l2']}; checkpoint choice of every method on the calibration rows within "
              f"{args.max_clean_drop:g} clean points"
              + (f"; c10c: {len(CIFAR10C)} corruptions at severity {args.c_severity}" if args.c_severity else "; c10c skipped")
@@ -288,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"command": cmd, "dataset": args.dataset, "history": hist, "histories": {str(s): h for s, h in hists.items()},
                "shared_history": args.shared_history, "seeds": seeds, "budgets": BUDGETS[args.dataset],
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "total_s": time.perf_counter() - t0}
+               "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "setup": setup,
+               "total_s": time.perf_counter() - t0}
     out.write_text(json.dumps(payload, indent=1, default=float))
     out.with_suffix(".txt").write_text("# " + cmd + "\n" + setup + "\n" + txt + "\n" + json.dumps(verdict) + "\n")
     out.with_name(out.stem + ".partial.json").unlink(missing_ok=True)
