@@ -9,7 +9,9 @@ every seed repairs seed 0's). For each seed, the pool is split into the methods'
 rows (10 %), and every method runs through the pipeline's own stages (prepare -> run -> export), as
 ``onnxrepair repair`` would:
 
-* ``dare`` — ``--history <work>/history`` (the later half of the epochs mined), its lr/steps chosen on the calibration rows;
+* ``dare`` — ``--history <seed dir>/history`` (the later half of the epochs mined), its lr/steps chosen on the
+  calibration rows by clean + FGSM accuracy, the FGSM examples crafted once on the original model (``--dare-select
+  transfer``, the paper's protocol; ``whitebox`` crafts them on each tuned epoch);
 * ``adv-ft-fgsm``, ``adv-ft-pgd``, ``adv-ft-cw`` — ``adversarial-training --attack ...``: full fine-tuning on each
   attack's examples crafted on the fly (the paper's peers: adversarial fine-tuning on each attack's examples);
 * ``finetune`` — plain fine-tuning of all weights on the clean pool (``--perturb-prob 0``).
@@ -92,7 +94,8 @@ def method_options(method: str, args, budget: dict, history: Path) -> tuple[str,
     """(registered method, its options) for a bench row."""
     if method == "dare":
         return "dare", {"history": str(history), "eps": str(budget["linf"]), "epochs": str(args.dare_epochs),
-                        "select_size": "256", "lrs": args.dare_lrs, "select_max_drop": str(args.max_clean_drop)}
+                        "select_size": "256", "lrs": args.dare_lrs, "select_max_drop": str(args.max_clean_drop),
+                        "select_protocol": args.dare_select}
     if method == "finetune":
         return "finetune", {"epochs": str(args.epochs), "batch_size": "64", "perturb_prob": "0", "max_clean_drop": str(args.max_clean_drop)}
     atk = method.rsplit("-", 1)[1]
@@ -263,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every peer")
     ap.add_argument("--dare-epochs", type=int, default=10)
     ap.add_argument("--dare-lrs", default="1e-5,1e-4,1e-3")
+    ap.add_argument("--dare-select", choices=("transfer", "whitebox"), default="transfer",
+                    help="DARE's lr/steps choice on the calibration rows: FGSM crafted once on the original (transfer, the "
+                         "paper's protocol) or on each tuned epoch (whitebox)")
     ap.add_argument("--pgd-steps", type=int, default=10, help="evaluation PGD steps")
     ap.add_argument("--cw-steps", type=int, default=30, help="evaluation CW steps")
     ap.add_argument("--peer-pgd-steps", type=int, default=5)
