@@ -174,6 +174,23 @@ def aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
+def choices(per_seed: list[dict], seeds: list[int]) -> str:
+    """One line per seed: what DARE mined and chose, and the epoch each peer kept (all chosen on calibration rows)."""
+    lines = []
+    for s, rows in zip(seeds, per_seed):
+        parts = []
+        for m, r in rows.items():
+            info = r.get("info") or {}
+            if "mining" in info:
+                mi, ch = info["mining"], info.get("choice", {})
+                parts.append(f"dare accepted {mi['accepted']}/{mi['pool']}, lr {ch.get('lr')} epoch {ch.get('epoch')}")
+            elif "best_epoch" in info:
+                parts.append(f"{m} epoch {info['best_epoch']}")
+        if parts:
+            lines.append(f"# seed {s}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def table(agg: dict) -> tuple[str, dict]:
     methods = [m for m in agg if m != "original"]
     best = {p: {a: max(methods, key=lambda m: agg[m][p][a]["mean"]) for a in ATTACKS} for p in ("transfer", "whitebox")}
@@ -236,7 +253,7 @@ def merge(paths: list[Path], out: Path | None) -> int:
                "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "setup": setup,
                "total_s": sum(r["total_s"] for r in runs)}
     out.write_text(json.dumps(payload, indent=1, default=float))
-    text = "# " + cmd + "  " + cmd_note + "\n" + setup + "\n" + txt + "\n" + json.dumps(verdict) + "\n"
+    text = "# " + cmd + "  " + cmd_note + "\n" + setup + "\n" + txt + "\n" + choices(per_seed, seeds) + "\n" + json.dumps(verdict) + "\n"
     out.with_suffix(".txt").write_text(text)
     print(text)
     return 0
@@ -337,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "setup": setup,
                "total_s": time.perf_counter() - t0}
     out.write_text(json.dumps(payload, indent=1, default=float))
-    out.with_suffix(".txt").write_text("# " + cmd + "\n" + setup + "\n" + txt + "\n" + json.dumps(verdict) + "\n")
+    chosen = choices(per_seed, seeds)
+    print(chosen)
+    out.with_suffix(".txt").write_text("# " + cmd + "\n" + setup + "\n" + txt + "\n" + chosen + "\n" + json.dumps(verdict) + "\n")
     out.with_name(out.stem + ".partial.json").unlink(missing_ok=True)
     print(f"wrote {out} ({payload['total_s']:.0f} s)", file=sys.stderr)
     return 0
