@@ -150,10 +150,10 @@ def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, cont
         exported = stages.export(prep, out, exporter="legacy")
         path = work / f"seed{seed}_{method}.onnx"
         onnx.save(exported.model, str(path))
-        keep = ("cut", "cut_shape", "mining", "choice", "slice", "history", "best_epoch", "attack")
+        keep = ("cut", "cut_shape", "mining", "targets", "tuning", "choice", "slice", "history", "best_epoch", "attack")
         info = {k: v for k, v in out.info.items() if k in keep}
         if "choice" in info:
-            info["choice"] = {k: v for k, v in info["choice"].items() if k != "runs"}
+            info["choice"] = {**info["choice"], "runs": [{k: v for k, v in r.items() if k != "loss"} for r in info["choice"]["runs"]]}
         score(method, path, out.model.eval(), repair_s, info)
     return rows
 
@@ -229,9 +229,15 @@ def merge(paths: list[Path], out: Path | None) -> int:
     """One table from result JSONs that ran the same command for different seeds (e.g. one process per seed, each
     started when its history was trained): per-seed rows concatenated in seed order, then aggregated as one run."""
     runs = [json.loads(p.read_text()) for p in paths]
-    strip = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seeds", "out", "merge")}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seeds", "out", "merge", "shared_history")}  # noqa: E731
     if any(strip(r) != strip(runs[0]) for r in runs):
         raise SystemExit("dare.py --merge: the runs differ in settings other than --seeds/--out")
+    shared = any(r["settings"].get("shared_history") for r in runs)
+    if shared and any(not r["settings"].get("shared_history") and r["seeds"] != [0] for r in runs):
+        # seed 0 repairs seed 0's history with or without --shared-history; any other seed would differ
+        raise SystemExit("dare.py --merge: runs with and without --shared-history mixed beyond seed 0")
+    if shared:
+        runs.sort(key=lambda r: not r["settings"].get("shared_history"))  # the command and setup lines of a shared run
     pairs = sorted((s, row) for r in runs for s, row in zip(r["seeds"], r["per_seed"]))
     seeds = [s for s, _ in pairs]
     if len(set(seeds)) != len(seeds):
@@ -242,7 +248,7 @@ def merge(paths: list[Path], out: Path | None) -> int:
     cmd = runs[0]["command"].replace(f"--seeds {runs[0]['settings']['seeds']}", "--seeds " + ",".join(map(str, seeds)))
     if runs[0]["settings"].get("out"):
         cmd = cmd.replace(f" --out {runs[0]['settings']['out']}", "")
-    cmd_note = f"(run as {len(runs)} processes, merged with bench/dare.py --merge)"
+    cmd_note = f"(run as {len(runs)} processes, one per seed, merged with bench/dare.py --merge)"
     setup = runs[0]["setup"].replace(f"seeds {runs[0]['seeds']}", f"seeds {seeds}")
     hists = {k: v for r in runs for k, v in r.get("histories", {}).items()}
     setup = setup.split("\n# seed ")[0] + "\n# " + "; ".join(
