@@ -2,15 +2,25 @@
 
     .venv/bin/python bench/dare.py --data-dir ../shared/datasets [--dataset mnist|cifar10] [--seeds 0,1,2]
 
-The model and its training history come from :mod:`bench.dare_history` (trained once, reused from ``--work``;
-``--retrain`` trains again): the model trains on half the images, the other half is the *pool* every method gets.
-For each seed, the pool is split into the methods' training rows (90 %) and calibration rows (10 %), and every
-method runs through the pipeline's own stages (prepare -> run -> export), as ``onnxrepair repair`` would:
+The model and its training history come from :mod:`bench.dare_history` (trained when ``--work`` holds no history
+with the same settings; ``--retrain`` trains again): the model trains on half the images, the other half is the
+*pool* every method gets. Each seed has its own model and history, trained with that seed (``--shared-history``:
+every seed repairs seed 0's). For each seed, the pool is split into the methods' training rows (90 %) and calibration
+rows (10 %), and every method runs through the pipeline's own stages (prepare -> run -> export), as
+``onnxrepair repair`` would:
 
-* ``dare`` — ``--history <work>/history`` (the later half of the epochs mined), its lr/steps chosen on the calibration rows;
+* ``dare`` — ``--history <seed dir>/history`` (the later half of the epochs mined), its lr/steps chosen on the
+  calibration rows by clean + FGSM accuracy, the FGSM examples crafted once on the original model (``--dare-select
+  transfer``, the paper's protocol; ``whitebox`` crafts them on each tuned epoch);
 * ``adv-ft-fgsm``, ``adv-ft-pgd``, ``adv-ft-cw`` — ``adversarial-training --attack ...``: full fine-tuning on each
   attack's examples crafted on the fly (the paper's peers: adversarial fine-tuning on each attack's examples);
 * ``finetune`` — plain fine-tuning of all weights on the clean pool (``--perturb-prob 0``).
+
+Equal clean cost: every method chooses its checkpoint on the calibration rows under the same retention limit
+(``--max-clean-drop``, default 0.5 points, the pipeline's retention limit): an epoch whose calibration clean
+accuracy is more than that below the original's is not eligible (the peers' ``--max-clean-drop``, DARE's
+``--select-max-drop``); among the eligible epochs (the original included) the best (clean + attack accuracy) / 2 on
+the calibration rows wins. Nothing is chosen on the test images. ``--max-clean-drop 100`` is the unconstrained run.
 
 Each exported file is scored on onnxruntime (CPU) on ``--n-eval`` test images:
 
@@ -25,8 +35,9 @@ Each exported file is scored on onnxruntime (CPU) on ``--n-eval`` test images:
   1- or 3-channel images, so MNIST gets the column too; on MNIST it is the same 15 corruptions, not a published set.)
 * repair wall time (prepare + method, so DARE's checkpoint conversion is counted).
 
-Cells are mean ± std over seeds. The seeds vary the pool split, the methods' shuffling and the attacks' random
-starts; the model and its history are trained once (training 3 histories did not fit the time on a shared CPU).
+Cells are mean ± std over seeds. The seeds vary the model and its history (initialisation and shuffling of its
+training), the pool's calibration split, the methods' shuffling and the attacks' random starts; the pool and test
+images are the same for every seed.
 The paper's targets: DARE's clean-accuracy change >= 0, and DARE the best mean in >= 60 % of transfer cells.
 Prints the table and the reproduce command, writes ``bench/results/dare.json`` and ``dare.txt``.
 """
@@ -47,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from dare_history import CONTRACTS, make_history  # noqa: E402
+from dare_history import CONTRACTS, ensure_data, ensure_history, history_ready  # noqa: E402
 from deeppatch import ort_accuracy, session  # noqa: E402
 from onnxrepair import repair as stages  # noqa: E402
 from onnxrepair.data.contract import InputContract, ModelWithContract  # noqa: E402
@@ -83,11 +94,13 @@ def method_options(method: str, args, budget: dict, history: Path) -> tuple[str,
     """(registered method, its options) for a bench row."""
     if method == "dare":
         return "dare", {"history": str(history), "eps": str(budget["linf"]), "epochs": str(args.dare_epochs),
-                        "select_size": "256", "lrs": args.dare_lrs}
+                        "select_size": "256", "lrs": args.dare_lrs, "select_max_drop": str(args.max_clean_drop),
+                        "select_protocol": args.dare_select}
     if method == "finetune":
-        return "finetune", {"epochs": str(args.epochs), "batch_size": "64", "perturb_prob": "0"}
+        return "finetune", {"epochs": str(args.epochs), "batch_size": "64", "perturb_prob": "0", "max_clean_drop": str(args.max_clean_drop)}
     atk = method.rsplit("-", 1)[1]
-    opts = {"attack": atk, "epochs": str(args.epochs), "batch_size": "64", "calib_attack_size": "128"}
+    opts = {"attack": atk, "epochs": str(args.epochs), "batch_size": "64", "calib_attack_size": "128",
+            "max_clean_drop": str(args.max_clean_drop)}
     if atk == "cw":
         opts.update(eps=str(budget["l2"]), steps=str(args.peer_cw_steps))
     else:
@@ -96,6 +109,7 @@ def method_options(method: str, args, budget: dict, history: Path) -> tuple[str,
 
 
 def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, contract: InputContract, args) -> dict:
+    """``work``: the seed's history directory (final.onnx, history/)."""
     import converters
 
     budget = BUDGETS[args.dataset]
@@ -136,10 +150,10 @@ def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, cont
         exported = stages.export(prep, out, exporter="legacy")
         path = work / f"seed{seed}_{method}.onnx"
         onnx.save(exported.model, str(path))
-        keep = ("cut", "cut_shape", "mining", "choice", "slice", "history", "best_epoch", "attack")
+        keep = ("cut", "cut_shape", "mining", "targets", "tuning", "choice", "slice", "history", "best_epoch", "attack")
         info = {k: v for k, v in out.info.items() if k in keep}
         if "choice" in info:
-            info["choice"] = {k: v for k, v in info["choice"].items() if k != "runs"}
+            info["choice"] = {**info["choice"], "runs": [{k: v for k, v in r.items() if k != "loss"} for r in info["choice"]["runs"]]}
         score(method, path, out.model.eval(), repair_s, info)
     return rows
 
@@ -158,6 +172,23 @@ def aggregate(per_seed: list[dict]) -> dict:
             out[n]["c10c_mean"] = ms(lambda r: r["c10c_mean"])
             out[n]["c10c"] = {c: ms(lambda r, c=c: r["c10c"][c]) for c in per_seed[0][n]["c10c"]}
     return out
+
+
+def choices(per_seed: list[dict], seeds: list[int]) -> str:
+    """One line per seed: what DARE mined and chose, and the epoch each peer kept (all chosen on calibration rows)."""
+    lines = []
+    for s, rows in zip(seeds, per_seed):
+        parts = []
+        for m, r in rows.items():
+            info = r.get("info") or {}
+            if "mining" in info:
+                mi, ch = info["mining"], info.get("choice", {})
+                parts.append(f"dare accepted {mi['accepted']}/{mi['pool']}, lr {ch.get('lr')} epoch {ch.get('epoch')}")
+            elif "best_epoch" in info:
+                parts.append(f"{m} epoch {info['best_epoch']}")
+        if parts:
+            lines.append(f"# seed {s}: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def table(agg: dict) -> tuple[str, dict]:
@@ -194,6 +225,46 @@ def table(agg: dict) -> tuple[str, dict]:
     return "\n".join(lines), verdict
 
 
+def merge(paths: list[Path], out: Path | None) -> int:
+    """One table from result JSONs that ran the same command for different seeds (e.g. one process per seed, each
+    started when its history was trained): per-seed rows concatenated in seed order, then aggregated as one run."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    strip = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seeds", "out", "merge", "shared_history")}  # noqa: E731
+    if any(strip(r) != strip(runs[0]) for r in runs):
+        raise SystemExit("dare.py --merge: the runs differ in settings other than --seeds/--out")
+    shared = any(r["settings"].get("shared_history") for r in runs)
+    if shared and any(not r["settings"].get("shared_history") and r["seeds"] != [0] for r in runs):
+        # seed 0 repairs seed 0's history with or without --shared-history; any other seed would differ
+        raise SystemExit("dare.py --merge: runs with and without --shared-history mixed beyond seed 0")
+    if shared:
+        runs.sort(key=lambda r: not r["settings"].get("shared_history"))  # the command and setup lines of a shared run
+    pairs = sorted((s, row) for r in runs for s, row in zip(r["seeds"], r["per_seed"]))
+    seeds = [s for s, _ in pairs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"dare.py --merge: a seed appears twice ({seeds})")
+    per_seed = [row for _, row in pairs]
+    agg = aggregate(per_seed)
+    txt, verdict = table(agg)
+    cmd = runs[0]["command"].replace(f"--seeds {runs[0]['settings']['seeds']}", "--seeds " + ",".join(map(str, seeds)))
+    if runs[0]["settings"].get("out"):
+        cmd = cmd.replace(f" --out {runs[0]['settings']['out']}", "")
+    cmd_note = f"(run as {len(runs)} processes, one per seed, merged with bench/dare.py --merge)"
+    setup = runs[0]["setup"].replace(f"seeds {runs[0]['seeds']}", f"seeds {seeds}")
+    hists = {k: v for r in runs for k, v in r.get("histories", {}).items()}
+    setup = setup.split("\n# seed ")[0] + "\n# " + "; ".join(
+        f"seed {s} test acc per epoch " + " ".join(f"{100 * e['test_accuracy']:.1f}" for e in hists[str(s)]["epochs"])
+        for s in seeds if str(s) in hists)
+    out = out or paths[0].with_name(f"dare_{runs[0]['dataset']}.json")
+    payload = {**runs[0], "command": cmd, "merged_from": [str(p) for p in paths], "seeds": seeds, "histories": hists,
+               "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "setup": setup,
+               "total_s": sum(r["total_s"] for r in runs)}
+    out.write_text(json.dumps(payload, indent=1, default=float))
+    text = "# " + cmd + "  " + cmd_note + "\n" + setup + "\n" + txt + "\n" + choices(per_seed, seeds) + "\n" + json.dumps(verdict) + "\n"
+    out.with_suffix(".txt").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
@@ -202,13 +273,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", choices=sorted(CONTRACTS), default="cifar10")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--n-train", type=int, default=1000, help="images the model trains on; the pool gets as many")
-    ap.add_argument("--history-epochs", type=int, default=8)
-    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--n-train", type=int, default=4000, help="images the model trains on; the pool gets as many")
+    ap.add_argument("--history-epochs", type=int, default=12)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--history-lr", type=float, default=2e-3)
+    ap.add_argument("--no-augment", dest="augment", action="store_false", help="train the history without flips and crops")
+    ap.add_argument("--shared-history", action="store_true", help="every seed repairs seed 0's model and history")
+    ap.add_argument("--max-clean-drop", type=float, default=0.5,
+                    help="checkpoint choice of every method: calibration clean-accuracy points an epoch may lose (100: no limit)")
     ap.add_argument("--n-eval", type=int, default=300, help="test images scored (clean and attacked)")
+    ap.add_argument("--pool-size", type=int, default=0,
+                    help="pool images every method gets (a random subset, the same for every seed; 0: the whole pool)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="result JSONs of the same command run one seed each: write their merged table and exit")
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every peer")
     ap.add_argument("--dare-epochs", type=int, default=10)
     ap.add_argument("--dare-lrs", default="1e-5,1e-4,1e-3")
+    ap.add_argument("--dare-select", choices=("transfer", "whitebox"), default="transfer",
+                    help="DARE's lr/steps choice on the calibration rows: FGSM crafted once on the original (transfer, the "
+                         "paper's protocol) or on each tuned epoch (whitebox)")
     ap.add_argument("--pgd-steps", type=int, default=10, help="evaluation PGD steps")
     ap.add_argument("--cw-steps", type=int, default=30, help="evaluation CW steps")
     ap.add_argument("--peer-pgd-steps", type=int, default=5)
@@ -217,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--summarise", type=Path, default=None, help="print the table of a (partial) result JSON and exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.summarise is not None:
         done = json.loads(args.summarise.read_text())
         txt, verdict = table(aggregate(done["per_seed"]))
@@ -228,40 +313,56 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(1)  # shared cores
     t0 = time.perf_counter()
-    work = args.work / args.dataset
-    if args.retrain or not (work / "final.onnx").exists():
-        make_history(args.dataset, args.data_dir, args.work, n_train=args.n_train, n_test=max(args.n_eval, 1000),
-                     epochs=args.history_epochs, width=args.width, lr=2e-3, seed=0)
-    hist = json.loads((work / "history.json").read_text())
-    d = np.load(work / "data.npz")
-    contract = CONTRACTS[args.dataset]
-    pool = ArrayDataset(x=d["pool_x"], y=d["pool_y"], name=f"{args.dataset}-pool")
-    test = ArrayDataset(x=d["test_x"], y=d["test_y"], name=f"{args.dataset}-test").limit(args.n_eval, seed=0)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    kw = dict(n_train=args.n_train, n_test=max(args.n_eval, 1000), epochs=args.history_epochs, width=args.width,
+              lr=args.history_lr, augment=args.augment)
+    data = None
+    dirs = {}
+    for s in sorted({0} if args.shared_history else set(seeds)):
+        if (args.retrain or not history_ready(args.dataset, args.work, seed=s, **kw)) and data is None:
+            data = ensure_data(args.dataset, args.data_dir, args.work, n_train=kw["n_train"], n_test=kw["n_test"])
+        dirs[s] = ensure_history(args.dataset, args.data_dir, args.work, seed=s, retrain=args.retrain, data=data, **kw)
+    hists = {s: json.loads((d / "history.json").read_text()) for s, d in dirs.items()}
+    hist = hists[min(hists)]
+    d = np.load(args.work / args.dataset / "data.npz")
+    contract = CONTRACTS[args.dataset]
+    pool = ArrayDataset(x=d["pool_x"], y=d["pool_y"], name=f"{args.dataset}-pool").limit(args.pool_size or None, seed=0)
+    test = ArrayDataset(x=d["test_x"], y=d["test_y"], name=f"{args.dataset}-test").limit(args.n_eval, seed=0)
     cmd = ".venv/bin/python " + " ".join(["bench/dare.py", *(argv if argv is not None else sys.argv[1:])])
     out = args.out or ROOT / "bench" / "results" / f"dare_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     per_seed = []
     for s in seeds:
-        per_seed.append(run_seed(s, work, pool, test, contract, args))
+        per_seed.append(run_seed(s, dirs[0 if args.shared_history else s], pool, test, contract, args))
         partial = out.with_name(out.stem + ".partial.json")  # what is done so far, if a run is cut short
         partial.write_text(json.dumps({"command": cmd, "seeds_done": seeds[: len(per_seed)], "per_seed": per_seed}, indent=1, default=float))
     agg = aggregate(per_seed)
     txt, verdict = table(agg)
     print("# " + cmd)
-    setup = (f"# {args.dataset}: model trained on {hist['train']} images for {len(hist['epochs'])} epochs, pool {hist['pool']}, "
-          f"{len(test)} test images, seeds {seeds}; eps Linf {BUDGETS[args.dataset]['linf']:.4g}, CW L2 {BUDGETS[args.dataset]['l2']}"
-          + (f"; c10c: {len(CIFAR10C)} corruptions at severity {args.c_severity}" if args.c_severity else "; c10c skipped"))
+    per_epoch = "; ".join(f"seed {s} test acc per epoch " + " ".join(f"{100 * r['test_accuracy']:.1f}" for r in h["epochs"])
+                          for s, h in sorted(hists.items()))
+    setup = (f"# {args.dataset}: SmallCNN width {hist['width']} trained on {hist['train']} images for {len(hist['epochs'])} epochs "
+             f"(Adam lr {hist['lr']:g}, {'flip+crop' if hist.get('augment') else 'no'} augmentation), "
+             + ("one shared history (seed 0)" if args.shared_history else "one history per seed, trained with that seed")
+             + f", pool {len(pool)} of {hist['pool']}, {len(test)} test images, seeds {seeds}; eps Linf {BUDGETS[args.dataset]['linf']:.4g}, "
+             f"CW L2 {BUDGETS[args.dataset]['l2']}; checkpoint choice of every method on the calibration rows within "
+             f"{args.max_clean_drop:g} clean points"
+             + (f"; c10c: {len(CIFAR10C)} corruptions at severity {args.c_severity}" if args.c_severity else "; c10c skipped")
+             + "\n# " + per_epoch)
     print(setup)
     print(txt)
     print(json.dumps(verdict))
-    payload = {"command": cmd, "dataset": args.dataset, "history": hist, "seeds": seeds, "budgets": BUDGETS[args.dataset],
+    payload = {"command": cmd, "dataset": args.dataset, "history": hist, "histories": {str(s): h for s, h in hists.items()},
+               "shared_history": args.shared_history, "seeds": seeds, "budgets": BUDGETS[args.dataset],
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "total_s": time.perf_counter() - t0}
+               "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "setup": setup,
+               "total_s": time.perf_counter() - t0}
     out.write_text(json.dumps(payload, indent=1, default=float))
-    out.with_suffix(".txt").write_text("# " + cmd + "\n" + setup + "\n" + txt + "\n" + json.dumps(verdict) + "\n")
+    chosen = choices(per_seed, seeds)
+    print(chosen)
+    out.with_suffix(".txt").write_text("# " + cmd + "\n" + setup + "\n" + txt + "\n" + chosen + "\n" + json.dumps(verdict) + "\n")
     out.with_name(out.stem + ".partial.json").unlink(missing_ok=True)
     print(f"wrote {out} ({payload['total_s']:.0f} s)", file=sys.stderr)
     return 0

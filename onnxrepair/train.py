@@ -77,10 +77,11 @@ class SGDSettings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     train_mode: bool = False  # True: BatchNorm statistics update and dropout is active while training
+    max_clean_drop: float = 100.0  # checkpoint choice: an epoch losing more calib clean-accuracy points than this is not eligible
 
     def sgd_kwargs(self) -> dict:
         return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
-                "weight_decay": self.weight_decay, "train_mode": self.train_mode}
+                "weight_decay": self.weight_decay, "train_mode": self.train_mode, "max_clean_drop": self.max_clean_drop}
 
 
 @dataclass
@@ -241,10 +242,13 @@ def fit(
     progress: Reporter = SILENT,
     state_filter: Callable[[str], bool] | None = None,
     augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    max_clean_drop: float = 100.0,
 ) -> TrainResult:
     """:func:`train_loop` with SGD over labelled images: ``batch_loss(x, y, step)``; ``model`` ends holding
     the checkpoint with the best ``score()["mixed"]`` (epoch 0, the original, competes too), in eval mode.
-    ``state_filter`` limits which state-dict entries are checkpointed (the trainable ones).
+    ``state_filter`` limits which state-dict entries are checkpointed (the trainable ones). An epoch whose
+    ``score()["calib_clean"]`` is more than ``max_clean_drop`` points below epoch 0's is not eligible (the
+    retention limit applied to the checkpoint choice, so peers can be compared at no clean cost); epoch 0 always is.
 
     ``x`` is the unit batch, or ``augment(x_unit, step)`` when given: the batch's randomness (perturbed copies,
     views, attack starts, stacked along dim 1 if several), drawn on the whole global batch so that every rank of a
@@ -256,8 +260,14 @@ def fit(
         for xb, yb in train.batches(batch_size, shuffle=True, seed=seed * 1000 + epoch):
             yield contract.to_unit(xb).to(device), torch.as_tensor(yb, device=device)
 
-    def scored(epoch: int) -> tuple[float, dict[str, Any]]:
+    base: dict[str, float] = {}
+
+    def scored(epoch: int) -> tuple[float | None, dict[str, Any]]:
         s = score()
+        if epoch == 0 and "calib_clean" in s:
+            base["clean"] = s["calib_clean"]
+        if "clean" in base and 100.0 * (base["clean"] - s["calib_clean"]) > max_clean_drop + 1e-9:
+            return None, dict(s)  # over the clean-accuracy budget: not eligible
         return s["mixed"], dict(s)
 
     prepare = None if augment is None else (lambda b, step: (augment(b[0], step), b[1]))

@@ -198,6 +198,36 @@ def test_method_on_history_fixture(one_torch_thread):
     assert torch.equal(dict(out.model.named_parameters())["fc/Gemm.weight"], before["fc/Gemm.weight"])
 
 
+def test_transfer_selection_crafts_once_on_the_original(one_torch_thread, monkeypatch):
+    """``select_protocol=transfer``: the validation examples are crafted once, on the original model, and every epoch of
+    every lr is scored on them; white-box crafts on each scored classifier. At epoch 0 (the original) both agree."""
+    from onnxrepair.errors import UsageError
+    from onnxrepair.methods import dare as D
+    from onnxrepair.methods import get, make_config
+
+    calls = []
+    craft = D.RobustSelector.craft
+
+    def counting(self, model):
+        calls.append(model)
+        return craft(self, model)
+
+    monkeypatch.setattr(D.RobustSelector, "craft", counting)
+    spec = get("dare")
+    inp = _inputs(_history)
+    opts = {"eps": "0.1", "epochs": "2", "lrs": "1e-4,1e-3", "select_size": "64"}
+    tr = spec.fn(inp, make_config(spec, {**opts, "select_protocol": "transfer"}))
+    assert len(calls) == 1 and "transfer" in tr.info["choice"]["on"]
+    assert all(p is not q for p, q in zip(calls[0].parameters(), inp.model.parameters()))  # a copy, not the caller's model
+    calls.clear()
+    wb = spec.fn(inp, make_config(spec, {**opts, "select_protocol": "whitebox"}))
+    assert len(calls) == 2 * 3  # two lrs, epochs 0..2 each
+    first = lambda out: [r["curve"][0]["val_fgsm"] for r in out.info["choice"]["runs"]]  # noqa: E731
+    assert first(tr) == first(wb)
+    with pytest.raises(UsageError, match="select-protocol"):
+        spec.fn(inp, make_config(spec, {**opts, "select_protocol": "blackbox"}))
+
+
 def test_no_input_accepted_is_validation_failed(one_torch_thread):
     """A history holding only the final model's weights can never beat the final model."""
     from onnxrepair.errors import ValidationFailed

@@ -42,3 +42,34 @@ def test_finetune_all_moves_convs(tmp_path):
     assert not torch.equal(before["c1/Conv.weight"], after["c1/Conv.weight"])
     h = out.info["history"]
     assert max(e["mixed"] for e in h) == h[out.info["best_epoch"]]["mixed"]
+
+
+def test_fit_max_clean_drop_makes_over_budget_epochs_ineligible():
+    """The checkpoint choice under the retention limit: an epoch with the best mixed score but more clean-accuracy loss
+    than ``max_clean_drop`` points is not chosen; without the limit it is."""
+    import numpy as np
+
+    from onnxrepair.data.dataset import ArrayDataset
+    from onnxrepair.train import fit
+
+    # epoch 0: clean 0.80 mixed 0.60; epoch 1: clean 0.79 (-1 pt) mixed 0.70; epoch 2: clean 0.797 (-0.3) mixed 0.65
+    scores = iter([(0.80, 0.60), (0.79, 0.70), (0.797, 0.65)])
+    data = ArrayDataset(x=np.zeros((4, 1, 2, 2), dtype=np.uint8), y=np.zeros(4, dtype=np.int64))
+    contract = InputContract(scale=255.0, mean=(0.0,), std=(1.0,))
+
+    def run(limit):
+        nonlocal scores
+        scores = iter([(0.80, 0.60), (0.79, 0.70), (0.797, 0.65)])
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+
+        def score():
+            c, m = next(scores)
+            return {"calib_clean": c, "mixed": m}
+
+        res = fit(model, list(model.parameters()), data, lambda x, y, s: model(x).sum() * 0, score, contract=contract, epochs=2,
+                  batch_size=4, lr=0.1, momentum=0.0, weight_decay=0.0, device=torch.device("cpu"), seed=0, max_clean_drop=limit)
+        return res.best_epoch
+
+    assert run(100.0) == 1
+    assert run(0.5) == 2
+    assert run(0.0) == 0

@@ -27,7 +27,9 @@ first as "Toward Improving the Robustness of Deep Learning Models via Model Tran
   *every step* (``restore="step"``), suffix untouched. The published lr 1e-5 moved nothing on small models
   (``METHODS.md``), so lr and steps are chosen on a validation split of the pool (the pipeline's calibration rows):
   for every lr in ``lrs`` the classifier is scored before tuning and after each epoch on ``select_size`` validation
-  images by the mean of clean accuracy and white-box ``select_attack`` accuracy (ε = ``eps``); an epoch losing more
+  images by the mean of clean accuracy and ``select_attack`` accuracy (ε = ``eps``), white-box (crafted on each epoch's
+  classifier) or, with ``select_protocol="transfer"``, on examples crafted once on the original model (the paper's
+  evaluation protocol; cheaper too); an epoch losing more
   than ``select_max_drop`` points of clean accuracy there is not eligible; the best (lr, epoch) wins, epoch 0 (the
   original) included, so tuning that only hurts on the validation rows changes nothing.
 """
@@ -236,14 +238,26 @@ class NNSlicerSlice:
 # --------------------------------------------------------------------------- lr / steps choice
 class RobustSelector:
     """Scores the classifier on validation images: −(clean accuracy + attack accuracy)/2 (lower is better), not
-    eligible when clean accuracy dropped more than ``max_drop`` points against the original."""
+    eligible when clean accuracy dropped more than ``max_drop`` points against the original.
+
+    Without ``fixed`` the attack is crafted on the classifier being scored (white-box, each epoch); with ``fixed``
+    (examples crafted once on the original model by :meth:`craft`) every epoch is scored on those same images — the
+    paper's transfer protocol."""
 
     name = "dare-validation-clean+attack"
 
-    def __init__(self, unit: torch.Tensor, y: torch.Tensor, contract: InputContract, attack: str, eps: float, seed: int, kind: str) -> None:
+    def __init__(self, unit: torch.Tensor, y: torch.Tensor, contract: InputContract, attack: str, eps: float, seed: int, kind: str,
+                 fixed: torch.Tensor | None = None) -> None:
         self.unit, self.y, self.contract, self.attack, self.eps, self.seed, self.kind = unit, y, contract, attack, eps, seed, kind
         self.base: float | None = None
         self.max_drop = 0.0
+        self.fixed = fixed
+
+    def craft(self, model: nn.Module) -> torch.Tensor:
+        """``attack`` examples of the validation images crafted on ``model`` (unit pixel space)."""
+        atk = make_attack(self.attack, ModelWithContract(model, self.contract), self.eps, seed=self.seed)
+        atk.output_kind = self.kind
+        return atk(self.unit, self.y)
 
     @torch.no_grad()
     def _acc(self, model: nn.Module, unit: torch.Tensor) -> float:
@@ -253,9 +267,7 @@ class RobustSelector:
     def score(self, ctx: TransformContext, epoch: int):
         model = ctx.split.model
         clean = self._acc(model, self.unit)
-        atk = make_attack(self.attack, ModelWithContract(model, self.contract), self.eps, seed=self.seed)
-        atk.output_kind = self.kind
-        adv = self._acc(model, atk(self.unit, self.y))
+        adv = self._acc(model, self.fixed if self.fixed is not None else self.craft(model))
         if self.base is None or epoch == 0:
             self.base = clean
         drop = 100.0 * (self.base - clean)
@@ -275,6 +287,7 @@ class DareConfig:
     epochs: int = 10  # tuning epochs per lr (each scored on the validation split)
     batch_size: int = 64
     select_attack: str = "fgsm"  # attack used on the validation split to choose lr and steps
+    select_protocol: str = "whitebox"  # whitebox: crafted on each tuned epoch | transfer: crafted once on the original
     eps: float = 8 / 255  # its budget (pixel units of the [0, 1] image)
     select_size: int = 256  # validation images scored per epoch
     select_max_drop: float = 0.0  # clean-accuracy points an epoch may lose on the validation images
@@ -295,6 +308,8 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
         raise UsageError("dare needs labelled pool inputs (--data with labels)")
     if not cfg.lrs or any(lr <= 0 for lr in cfg.lrs) or cfg.epochs < 1:
         raise UsageError("dare needs --lrs of positive learning rates and --epochs >= 1")
+    if cfg.select_protocol not in ("whitebox", "transfer"):
+        raise UsageError(f"--select-protocol must be whitebox or transfer, not {cfg.select_protocol!r}")
     dev, contract = inputs.device, inputs.contract
     pool, val = split_calib(inputs.train, inputs.calib, inputs.seed)
     val = val.limit(cfg.select_size, seed=inputs.seed)
@@ -306,9 +321,14 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
     slicer = NNSlicerSlice(cfg.slice_keep, cfg.slice_samples)
     runs = []
     best = None
+    val_unit, val_y = contract.to_unit(val.x).to(dev), torch.as_tensor(val.y, dtype=torch.long, device=dev)
+    make_selector = lambda fixed=None: RobustSelector(val_unit, val_y, contract, cfg.select_attack, cfg.eps, inputs.seed,  # noqa: E731
+                                                      inputs.output_kind, fixed)
+    fixed = None  # the transfer protocol's examples: crafted once on the original, shared by every lr
+    if cfg.select_protocol == "transfer":
+        fixed = make_selector().craft(copy.deepcopy(inputs.model).to(dev).eval())
     for lr in cfg.lrs:
-        selector = RobustSelector(contract.to_unit(val.x).to(dev), torch.as_tensor(val.y, dtype=torch.long, device=dev), contract,
-                                  cfg.select_attack, cfg.eps, inputs.seed, inputs.output_kind)
+        selector = make_selector(fixed)
         selector.max_drop = cfg.select_max_drop
         res = run_transform(inputs.model, cut=cut, targets=targets, slicer=slicer,
                             tuning=TuningConfig(cfg.epochs, lr, cfg.batch_size, "step"), x_train=x, y_train=y, device=dev,
@@ -327,8 +347,8 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
     n_batches = -(-res.info["targets"]["samples"] // cfg.batch_size)
     chosen = res.info["selection"]["selected_epoch"]
     info = dict(res.info)
-    info["choice"] = {"on": f"{len(val)} validation images of the pool (calibration split), score = (clean + {cfg.select_attack} "
-                            f"accuracy at eps {cfg.eps:.4g}) / 2, clean drop <= {cfg.select_max_drop} points",
+    info["choice"] = {"on": f"{len(val)} validation images of the pool (calibration split), score = (clean + {cfg.select_protocol} "
+                            f"{cfg.select_attack} accuracy at eps {cfg.eps:.4g}) / 2, clean drop <= {cfg.select_max_drop} points",
                       "lr": lr, "epoch": chosen, "steps": chosen * n_batches, "batch_size": cfg.batch_size, "runs": runs}
     info["mining"] = {k: info["targets"][k] for k in ("pool", "accepted", "dropped", "target_epochs")}
     info["history"] = {"checkpoints": list(history.names), "skipped": list(getattr(history, "skipped", []))}
