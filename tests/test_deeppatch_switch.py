@@ -175,3 +175,42 @@ def test_input_gate_routes_blur_not_clean_and_needs_the_switch(base):
         _run(gm, train, calib, epochs=1, assess_samples=16, gate="input", deploy="mix")
     with pytest.raises(UsageError, match="--deploy"):
         _run(gm, train, calib, epochs=1, assess_samples=16, deploy="fused")
+
+
+# ------------------------------------------------------------------ --max-latency-ratio, checked on the exported file
+
+
+def _cli(tmp_path, *extra):
+    from conftest import FIXTURES, fixture_path
+
+    from onnxrepair.cli import main
+
+    out, rep = tmp_path / "dp.onnx", tmp_path / "dp.json"
+    rc = main(["--threads", "1", "repair", str(fixture_path("torch_lenet_legacy11")), "--method", "deeppatch", "--data",
+               str(FIXTURES / "data" / "mnist_small.npz"), "-o", str(out), "--report", str(rep), "--epochs", "1",
+               "--provider", "cpu", "--quiet", "--gate", "input", *extra])
+    return rc, out, rep
+
+
+def test_max_latency_ratio_refuses_a_file_over_it(tmp_path, capsys):
+    # a repaired file can never run in half the original's time: the measured ratio is over the limit, exit 1
+    rc, out, rep = _cli(tmp_path, "--max-latency-ratio", "0.5")
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists(), err
+    assert "--max-latency-ratio 0.5" in err and "no model written" in err
+    import json
+
+    lim = json.loads(rep.read_text())["latency_ms"]["limit"]
+    assert lim["max_ratio"] == 0.5 and not lim["passed"] and max(lim["measured_interleaved_1_thread"].values()) > 0.5
+
+
+def test_max_latency_ratio_met_is_written_with_the_measurement(tmp_path, capsys):
+    rc, out, rep = _cli(tmp_path, "--max-latency-ratio", "20")
+    assert rc == 0 and out.exists(), capsys.readouterr().err
+    import json
+
+    report = json.loads(rep.read_text())
+    lim = report["latency_ms"]["limit"]
+    assert lim["passed"] and set(lim["measured_interleaved_1_thread"]) == {"batch1", "batch64"}
+    assert max(lim["measured_interleaved_1_thread"].values()) <= 20
+    assert report["info"]["deploy"]["form"] == "switch" and report["info"]["latency_limit"] == 20

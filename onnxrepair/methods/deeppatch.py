@@ -55,7 +55,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import UsageError
-from ..graph.patching import PREFIX, DivisionGate, InputGate, get_gate, insert_patches, set_routing, switch_model
+from ..graph.patching import PREFIX, SWITCH_MODES, DivisionGate, InputGate, get_gate, insert_patches, set_routing, switch_model
 from ..localize.filters import METHODS as ASSESS_METHODS
 from ..localize.filters import assess_filters, conv_nodes
 from ..memory import activation_cost
@@ -94,6 +94,7 @@ class DeepPatchConfig:
     unit_bias: str = "auto"  # auto (bias where the conv has one, BN folded) | yes | no (as published)
     deploy: str = "switch"  # switch (per-sample If: original or folded model, stats/none gates) | mix (the training graph)
     switch: str = "overlay"  # overlay (original in the main graph, routed rows redone) | exclusive (each row runs one side)
+    max_latency_ratio: float = 0.0  # > 0: the repaired file may cost at most this times the original (measured on the file by the pipeline)
 
 
 def _variants(spec: PerturbSpec) -> list[tuple[str, float]]:
@@ -328,6 +329,10 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         raise UsageError(f"--deploy must be one of {', '.join(DEPLOY)}, not {cfg.deploy!r}")
     if cfg.gate == "input" and cfg.deploy != "switch":
         raise UsageError("--gate input runs only in the deployment switch (--deploy switch): the training graph has no place for it")
+    if cfg.switch not in SWITCH_MODES:
+        raise UsageError(f"--switch must be one of {', '.join(SWITCH_MODES)}, not {cfg.switch!r}")
+    if cfg.max_latency_ratio < 0:
+        raise UsageError(f"--max-latency-ratio must be > 0 (or 0: no limit), not {cfg.max_latency_ratio}")
     if not 0 < cfg.ratio <= 1:
         raise UsageError(f"--ratio must be in (0, 1], not {cfg.ratio}")
     if not inputs.contract.is_image:
@@ -416,7 +421,7 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         info_cal = _calibrate(gm, inputs, cfg, spec, train, calib, calib_data, layers, cap)
     gate_info, routing, acc, variants, igate = info_cal
 
-    deploy = {"form": "mix", "reason": "asked for (--deploy mix)"}
+    deploy: dict = {"form": "mix", "reason": "asked for (--deploy mix)"}
     trained = gm
     if cfg.deploy == "switch" and cfg.gate in ("stats", "none", "input"):
         gm, how = switch_model(inputs.model.to(dev).eval(), trained, layers, calib.clean[:4], igate if cfg.gate == "input" else None,
@@ -445,6 +450,7 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         "gate_params": int(gate_params),
         "params_original": int(sum(p.numel() for n, p in trained.named_parameters() if not n.startswith(PREFIX))),
         "deploy": deploy,
+        "latency_limit": cfg.max_latency_ratio or None,
         "best_epoch": result.best_epoch,
         "history": result.history,
         "seconds": {"assess": round(t_assess, 2), "total": round(time.perf_counter() - t0, 2)},
