@@ -89,6 +89,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     steps: int = 0
     eligible: bool = True  # False when a score was given and no epoch qualified (the original was kept)
+    stopped_at: int | None = None  # the epoch after which ``patience`` stopped training, None when it ran every epoch
 
 
 Batch = Any
@@ -113,6 +114,7 @@ def train_loop(
     batch_len: Callable[[Batch], int] = lambda b: len(b[-1]),
     progress: Reporter = SILENT,
     label: str = "train",
+    patience: int = 0,
 ) -> TrainResult:
     """The one training loop every method and baseline runs.
 
@@ -126,7 +128,9 @@ def train_loop(
     eligible score — ties keep the earlier epoch, and when no epoch is eligible, the original — and
     ``keep="last"`` the last epoch's. ``train_mode`` puts the model in train mode while stepping (full
     fine-tuning); otherwise it stays in eval mode so frozen BatchNorm statistics and disabled dropout stay.
-    The model is in eval mode afterwards.
+    The model is in eval mode afterwards. ``patience`` > 0 (with ``score`` and ``keep="best"``): stop after that many
+    epochs in a row without a better score (the checkpoint kept is the one a full run would keep whenever the best
+    epoch comes before the stop).
     """
     if keep not in ("best", "last"):
         raise ValueError(f"keep must be best or last, not {keep!r}")
@@ -154,6 +158,7 @@ def train_loop(
         consider(0, row)
         history.append(row)
     step = 0
+    stopped = None
     # a caller's no_grad() must not silently turn training into a no-op
     with torch.enable_grad(), progress.task(label, total=epochs * n_batches) as advance:
         for epoch in range(1, epochs + 1):
@@ -182,13 +187,16 @@ def train_loop(
             history.append(row)
             progress.epoch(epoch, epochs, loss=row["loss"], **{k: v for k, v in row.items()
                                                                if k not in ("epoch", "loss") and isinstance(v, float)})
+            if patience > 0 and score is not None and keep == "best" and epoch - (best["epoch"] or 0) >= patience and epoch < epochs:
+                stopped = epoch
+                break
     if score is not None and keep == "best":
         state = best["state"] if best["state"] is not None else original
         model.load_state_dict(state, strict=False)
     model.eval()
     chosen = best["epoch"] if (score is not None and keep == "best") else epochs
     return TrainResult(best_epoch=chosen if chosen is not None else 0, best_score=best["value"], history=history, steps=step,
-                       eligible=best["epoch"] is not None)
+                       eligible=best["epoch"] is not None, stopped_at=stopped)
 
 
 def fit(
@@ -209,6 +217,7 @@ def fit(
     train_mode: bool = False,
     progress: Reporter = SILENT,
     state_filter: Callable[[str], bool] | None = None,
+    patience: int = 0,
 ) -> TrainResult:
     """:func:`train_loop` with SGD over labelled images: ``batch_loss(x_unit, y, step)``; ``model`` ends holding
     the checkpoint with the best ``score()["mixed"]`` (epoch 0, the original, competes too), in eval mode.
@@ -226,7 +235,7 @@ def fit(
 
     res = train_loop(model, opt, batches, lambda b, step: batch_loss(b[0], b[1], step), epochs=epochs,
                      n_batches=(len(train) + batch_size - 1) // batch_size, score=scored, keep="best",
-                     train_mode=train_mode, state_keys=state_filter, progress=progress)
+                     train_mode=train_mode, state_keys=state_filter, progress=progress, patience=patience)
     for row in res.history:  # the history speaks of the calibration score's own keys
         row.pop("score", None)
     return res

@@ -524,7 +524,9 @@ def switch_model(original: fx.GraphModule, trained: fx.GraphModule, layers: list
 
     folded = folded_model(original, trained, layers).eval()
     if input_gate is not None:
-        return PerSampleSwitch(InputHead(input_gate), copy.deepcopy(original).eval(), folded, mode).eval(), "whole original model (input gate)"
+        sw = PerSampleSwitch(InputHead(input_gate), copy.deepcopy(original).eval(), folded, mode).eval()
+        sw.add_module(GATE_NAME, input_gate)  # the same module, also where the training form has it (get_gate, hooks)
+        return sw, "whole original model (input gate)"
     gate = get_gate(trained)
     orig = copy.deepcopy(original).eval()
     sp = split_at(orig, layers[0].layer)
@@ -537,4 +539,6 @@ def switch_model(original: fx.GraphModule, trained: fx.GraphModule, layers: list
     else:
         head, first = GateHead(CarryInput(sp.prefix), gate), DropFirst(orig)
         how = f"whole original model (values crossing {layers[0].layer} are not all batch-first tensors)"
-    return PerSampleSwitch(head, first, folded, mode).eval(), how
+    sw = PerSampleSwitch(head, first, folded, mode).eval()
+    sw.add_module(GATE_NAME, gate)
+    return sw, how

@@ -34,6 +34,23 @@ unit, and the paper's 0.01 diverged on the MNIST bench (every epoch worse than t
 best checkpoint on calib clean + perturbed was the original). The checkpoint criterion is the paper's:
 patched path, mean of calib clean and calib perturbed accuracy.
 
+Deployment (issue 14, ``deploy=``, ``switch=``). Training runs on the patched graph of
+:func:`~onnxrepair.graph.patching.insert_patches` (units as deltas, mixed in by a 1x1 conv, a mask per sample); its
+export cost 2-3x the original on small CNNs (``bench/results/deeppatch_latency.md``, variant ``mix``). A routed
+sample sees exactly the original convs with the blamed filters replaced, so the default deployment is a
+:class:`~onnxrepair.graph.patching.PerSampleSwitch`: the gate, the untouched original model, and the original
+architecture with the units folded into its conv weights (``folded_model``: no extra op at all), exported as ONNX
+``If`` nodes. ``switch="overlay"`` (default) runs the original in the main graph on every row and, only when some
+row is routed, the folded model on those rows inside the ``If`` (onnxruntime applies its NCHWc layout and fusions to
+the main graph only, so this keeps the clean path as fast as the original file, bit for bit its outputs, and a
+routed row costs both); ``"exclusive"`` runs each row through one side (a routed row costs one model, but both sides
+run inside ``If`` branches at onnxruntime's unoptimised layout). The added cost no longer depends on how many
+layers or filters are patched, only on the gate: ``gate="input"`` reads four fixed 3x3 filters (identity,
+horizontal/vertical difference, Laplacian) of the model *input* at stride 2, a few microseconds, where the ``stats``
+gate's reductions over the first patched conv's map cost 25-30 % of the file. ``max_latency_ratio``: the pipeline
+measures the exported file against the original (onnxruntime, 1 thread, interleaved) and refuses it (exit 1,
+nothing written) over the limit.
+
 Memory (issue 19): the assessment's stacked passes (``assess_group`` ablations x ``assess_batch`` images at most)
 and the calibration's capture batch are sized by the repair's memory budget (:mod:`onnxrepair.memory`) from the
 model's measured per-sample activation cost; a split changes no result (the scores are sums over samples, the gate
@@ -88,17 +105,26 @@ class DeepPatchConfig:
     assess_samples: int = 512  # sample budget for filter assessment
     assess_group: int = 16  # at most this many ablations stacked per pass (fewer when the memory budget says so)
     assess_batch: int = 128  # at most this many images per assessment pass (fewer when the memory budget says so)
-    gate: str = "stats"  # stats (default, best AUC on the bench) | disagreement (published) | logistic | none (always patched)
+    gate: str = "input"  # input (default: model-input filter statistics, cheapest) | stats (first patched conv) | disagreement (published) | logistic | none
     gate_samples: int = 2000  # training images for the logistic and stats gates
     gate_clean_rate: float = 0.02  # stats gate: fraction of clean calib inputs allowed onto the patch
     unit_bias: str = "auto"  # auto (bias where the conv has one, BN folded) | yes | no (as published)
     deploy: str = "switch"  # switch (per-sample If: original or folded model, stats/none gates) | mix (the training graph)
     switch: str = "overlay"  # overlay (original in the main graph, routed rows redone) | exclusive (each row runs one side)
+    patience: int = 0  # > 0: stop training after this many epochs without a better calibration score (0: every epoch)
+    assess_stable: int = 0  # > 0: stop a conv's assessment once its blamed set is unchanged over this many sample batches
     max_latency_ratio: float = 0.0  # > 0: the repaired file may cost at most this times the original (measured on the file by the pipeline)
 
 
 def _variants(spec: PerturbSpec) -> list[tuple[str, float]]:
     return spec.variants
+
+
+_STOP_AT_GATE = True  # the gate's training passes end at the gate (False: the whole model runs, as before issue 14; the repair-time bench flips it)
+
+
+class _GateReached(Exception):
+    """Raised by :func:`_reduced_pass`'s hook to end a forward at the gate when only the gate's inputs are wanted."""
 
 
 @torch.no_grad()
@@ -113,14 +139,22 @@ def _reduced_pass(gm: fx.GraphModule, x_model: torch.Tensor, y: torch.Tensor | N
     def keep(m: DivisionGate, inp, out) -> None:  # returns None: a hook's return value would replace the output
         for k, v in m.reduce(inp[0], inp[1]).items():
             parts.setdefault(k, []).append(v)
+        if y is None and _STOP_AT_GATE:  # nothing after the gate is read: stop the forward here
+            raise _GateReached
 
     h = gate.register_forward_hook(keep)
     try:
         for i in range(0, len(x_model), batch):
             xb = x_model[i : i + batch]
-            out = first_output(gm(xb))
             if igate is not None:
                 parts.setdefault("input", []).append(igate.reduce(xb))
+            if y is None:
+                try:
+                    gm(xb)
+                except _GateReached:
+                    pass
+                continue
+            out = first_output(gm(xb))
             if y is not None:
                 yb = y[i : i + batch]
                 parts.setdefault("correct", []).append(out.argmax(1) == yb)
@@ -390,6 +424,7 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         scores = assess_filters(
             gm, calib.clean[:n_assess], calib.perturbed[:n_assess], calib.y[:n_assess], method=cfg.assess,
             output_kind=inputs.output_kind, layers=candidates, group=a_group, batch_size=a_batch, progress=advance,
+            stable=cfg.assess_stable, top_k=lambda c: int(np.floor(cfg.ratio * c)),
         )
     t_assess = time.perf_counter() - t0
     plan = {name: scores[name].top(int(np.floor(cfg.ratio * len(scores[name].acc_score)))) for name in candidates}
@@ -407,7 +442,7 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
             gm, unit_params, train, calib, contract, inputs.output_kind, spec=spec, epochs=cfg.epochs,
             batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             perturb_prob=cfg.perturb_prob, device=dev, seed=inputs.seed, progress=inputs.progress,
-            state_filter=lambda k: k.startswith(PREFIX), eval_batch=cap,
+            state_filter=lambda k: k.startswith(PREFIX), eval_batch=cap, patience=cfg.patience,
         )
     for p in gm.parameters():
         p.requires_grad_(False)
@@ -452,6 +487,7 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         "deploy": deploy,
         "latency_limit": cfg.max_latency_ratio or None,
         "best_epoch": result.best_epoch,
+        "stopped_at_epoch": result.stopped_at,
         "history": result.history,
         "seconds": {"assess": round(t_assess, 2), "total": round(time.perf_counter() - t0, 2)},
         "calib_samples": len(calib.y),
