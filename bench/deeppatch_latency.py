@@ -8,9 +8,10 @@ Each variant is one ``onnxrepair repair --method deeppatch`` run (same seed, sam
 are trained identically, only the gate and the deployed graph differ) into ``bench/work/latency/``; its report
 gives clean accuracy, robustness (mean over clean + the 6 blurred copies) and routing on the held-out split, measured
 on onnxruntime. Latency: onnxruntime CPU, **1 intra-op thread**, original and repaired sessions interleaved A B B A
-in one process, each round's ratio taken, the median of the ratios reported (timings on shared cores swing 2x; a
-ratio of two calls made microseconds apart does not), at batch 1 (cycling through 32 different images) and batch
-64, on clean held-out images and on the same images blurred (sigma 2, what the patch is for: every row routed).
+in one process, at batch 1 (cycling through 32 different images) and batch 64, on clean held-out images and on the
+same images blurred (sigma 2, what the patch is for: every row routed). Reported: the ratio of each side's 20th
+percentile call time (see :func:`ratio` for why not the median of per-round ratios on oversubscribed cores; both
+are in the JSON).
 
 Variants (``--variants``):
 
@@ -92,8 +93,15 @@ def ratio(orig: Path, new: Path, x: np.ndarray, rounds: int, threads: int = 1) -
             sa.run(None, {na: f}); t4 = time.perf_counter()
             a, bb = (t1 - t0) + (t4 - t3), (t2 - t1) + (t3 - t2)
             ta.append(a / 2), tb.append(bb / 2), r.append(bb / a)
-        out[f"b{b}"] = {"orig_ms": float(np.median(ta) * 1e3), "rep_ms": float(np.median(tb) * 1e3),
-                        "ratio": float(np.median(r)), "ratio_iqr": [float(np.percentile(r, 25)), float(np.percentile(r, 75))]}
+        # headline: ratio of each side's 20th percentile. On cores oversubscribed 10-15x (as when this ran) a call is
+        # preempted with a probability that grows with its length, so the longer (repaired) calls collect more
+        # 20-100 ms outliers; in up to half the rounds one lands on the repaired side and the median of per-round
+        # ratios is pulled up (measured 14-30x for a file a direct check puts at 2.7x). A low quantile of each
+        # side is the undisturbed cost. The median of per-round ratios and the per-side medians are kept too.
+        out[f"b{b}"] = {"orig_ms": float(np.percentile(ta, 20) * 1e3), "rep_ms": float(np.percentile(tb, 20) * 1e3),
+                        "ratio": float(np.percentile(tb, 20) / np.percentile(ta, 20)),
+                        "ratio_median_of_rounds": float(np.median(r)), "ratio_of_medians": float(np.median(tb) / np.median(ta)),
+                        "ratio_iqr": [float(np.percentile(r, 25)), float(np.percentile(r, 75))]}
     return out
 
 
@@ -192,6 +200,9 @@ def main() -> None:
             out = WORK / f"{name}_{v}.onnx"
             if args.reuse and out.with_suffix(".json").exists():
                 rep, secs = json.loads(out.with_suffix(".json").read_text()), None
+            elif args.reuse:
+                print(f"{name} {v}: no earlier repair to time, skipped")
+                continue
             else:
                 rep, secs = repair(model, data, out, v, args.epochs, extra)
             info = rep.get("info", {})
@@ -211,7 +222,8 @@ def main() -> None:
             "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# DeepPatch deployment latency (issue 14)", "", f"`{cmd}`", "",
-             "onnxruntime CPU, 1 intra-op thread, original and repaired interleaved A B B A, median of per-round ratios. "
+             "onnxruntime CPU, 1 intra-op thread, original and repaired interleaved A B B A; ratio of each side's 20th-percentile call time "
+             "(ms in brackets: the original's), the median of per-round ratios in the JSON. "
              "clean/robust: held-out split of the repair report (onnxruntime), robustness = mean over clean + 6 blurred copies.", "",
              "| model | variant | clean orig→rep | robust orig→rep | clean input b1 | clean input b64 | blurred input b1 | blurred input b64 | routed calib clean/pert |",
              "|---|---|---|---|---|---|---|---|---|"]
