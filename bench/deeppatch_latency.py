@@ -166,7 +166,11 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="time the files of an earlier run, do not repair")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "deeppatch_latency.json")
     ap.add_argument("--md", type=Path, default=ROOT / "bench" / "results" / "deeppatch_latency.md")
+    ap.add_argument("--render", action="store_true", help="redraw --md from --json, time nothing")
     args = ap.parse_args()
+    if args.render:
+        render(args.json, args.md)
+        return
 
     WORK.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -221,21 +225,30 @@ def main() -> None:
     meta = {"command": cmd, "host": platform.node(), "cpu_threads_ort": 1, "onnxruntime": ort.__version__,
             "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    render(args.json, args.md)
+
+
+def render(json_path: Path, md_path: Path) -> None:
+    """The table of a result JSON (``--render`` redraws it without timing anything)."""
+    d = json.loads(json_path.read_text())
+    cmd, rows = d["meta"]["command"], d["rows"]
     lines = [f"# DeepPatch deployment latency (issue 14)", "", f"`{cmd}`", "",
-             "onnxruntime CPU, 1 intra-op thread, original and repaired interleaved A B B A; ratio of each side's 20th-percentile call time "
-             "(ms in brackets: the original's), the median of per-round ratios in the JSON. "
+             "onnxruntime CPU, 1 intra-op thread, original and repaired interleaved A B B A. Each cell: ratio of each side's "
+             "20th-percentile call time / median of per-round ratios (the two estimators disagree where the shared cores "
+             "were oversubscribed; see `ratio`), and the original's 20th-percentile ms. "
              "clean/robust: held-out split of the repair report (onnxruntime), robustness = mean over clean + 6 blurred copies.", "",
              "| model | variant | clean orig→rep | robust orig→rep | clean input b1 | clean input b64 | blurred input b1 | blurred input b64 | routed calib clean/pert |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         l, rc = r["latency"], r["routing_calib"] or {}
         f = lambda v: f"{100 * v:.2f}" if isinstance(v, (int, float)) else "?"  # noqa: E731
+        cell = lambda c: f"{c['ratio']:.2f}× / {c.get('ratio_median_of_rounds', c['ratio']):.2f}× ({c['orig_ms']:.3f} ms)"  # noqa: E731
         lines.append(f"| {r['model']} | {r['variant']} | {f(r['clean']['original'])}→{f(r['clean']['repaired'])} | "
                      f"{f(r['robustness']['original'])}→{f(r['robustness']['repaired'])} | "
-                     + " | ".join(f"{l[k][b]['ratio']:.2f}× ({l[k][b]['orig_ms']:.3f} ms)" for k in ("clean", "blur2") for b in ("b1", "b64"))
+                     + " | ".join(cell(l[k][b]) for k in ("clean", "blur2") for b in ("b1", "b64"))
                      + f" | {f(rc.get('clean'))}/{f(rc.get('perturbed_mean'))} |")
-    args.md.write_text("\n".join(lines) + "\n")
-    print(args.md.read_text())
+    md_path.write_text("\n".join(lines) + "\n")
+    print(md_path.read_text())
 
 
 if __name__ == "__main__":
