@@ -214,3 +214,14 @@ def test_max_latency_ratio_met_is_written_with_the_measurement(tmp_path, capsys)
     assert lim["passed"] and set(lim["measured_interleaved_1_thread"]) == {"batch1", "batch64"}
     assert max(lim["measured_interleaved_1_thread"].values()) <= 20
     assert report["info"]["deploy"]["form"] == "switch" and report["info"]["latency_limit"] == 20
+
+
+def test_input_gate_threshold_gives_the_calibrated_clean_rate(base):
+    """A clean rate far from what the untuned classifier gives (~0 % on this well-separated data), so a threshold
+    that is never applied shows; the deployed model routes the same share of the calibration rows."""
+    out = _repaired(base, gate="input", switch="overlay", gate_clean_rate=0.2)
+    assert out.info["routing_calib"]["clean"] == pytest.approx(0.2, abs=0.01)
+    _, _, calib, _ = base
+    x = CONTRACT.to_model(CONTRACT.to_unit(calib.x))
+    rate = float(_routes(out.model, x).float().mean())
+    assert 0.1 <= rate <= 0.3, rate
