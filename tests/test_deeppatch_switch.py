@@ -120,7 +120,7 @@ def test_switch_skips_clean_batches_exactly_and_patches_perturbed_ones(base, gat
 def test_folded_model_is_the_trained_patched_path(base):
     """The routed side of the switch is the training graph's patched path with the units folded into the convs."""
     gm, train, calib, _ = base
-    out = _repaired(base, deploy="mix")
+    out = _repaired(base, deploy="mix", gate="stats")
     trained = out.model
     layers = out.info["layers_patched"]
     from onnxrepair.graph.patching import PatchedLayer
@@ -145,7 +145,7 @@ def test_folded_model_is_the_trained_patched_path(base):
 
 def test_switch_and_mix_make_the_same_decisions(base):
     """Deploying changes the graph, not the repair: same units, same routing of the calibration data."""
-    mix, sw = _repaired(base, deploy="mix"), _repaired(base, gate="stats", switch="overlay")
+    mix, sw = _repaired(base, deploy="mix", gate="stats"), _repaired(base, gate="stats", switch="overlay")
     assert mix.info["layers_patched"] == sw.info["layers_patched"]
     assert mix.info["routing_calib"] == sw.info["routing_calib"]
     clean, blurred = _batches()
