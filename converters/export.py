@@ -149,6 +149,11 @@ def export_graph(
     one (see :func:`plan_export`), else ``min_opset`` kept where possible. ``optimize``: run :func:`simplify`
     on the result; node counts before/after are in the result."""
     module = module.eval()
+    from .switch import is_switch
+
+    if is_switch(module):
+        return _export_switch(module, example_inputs, input_names, output_names, min_opset=min_opset, opset=opset,
+                              dynamic_batch=dynamic_batch, exporter=exporter, optimize=optimize)
     errors: list[str] = []
     for name, target in plan_export(exporter, opset, min_opset):
         fn = _dynamo_export if name == "dynamo" else _legacy_export
@@ -170,6 +175,35 @@ def export_graph(
                 res.notes.append(f"graph not simplified: {why}")
         return res
     raise ModelError("export to ONNX failed: " + " | ".join(errors))
+
+
+def _export_switch(module, example_inputs, input_names, output_names, *, min_opset, opset, dynamic_batch, exporter,
+                   optimize) -> ExportResult:
+    """A per-sample switch (:mod:`converters.switch`): each part exported with a dynamic batch (the rows a branch
+    gets vary), the head first, the others with the exporter and opset it got; composed into ``If`` nodes. A fixed
+    batch is restored on the composed graph's inputs and outputs."""
+    from .switch import export_switch
+
+    def part(m, ex, ins, outs, like=None):
+        return export_graph(m, ex, ins, outs, min_opset=min_opset, opset=like.opset if like else opset, dynamic_batch=True,
+                            exporter=like.exporter if like else exporter, optimize=optimize)
+
+    try:
+        model, head = export_switch(module, example_inputs, input_names, output_names, part)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- composition failures are bugs or unsupported parts; keep the reason
+        raise ModelError(f"export of the per-sample switch failed: {type(e).__name__}: {one_line(e)}") from e
+    if not dynamic_batch:
+        b = int(example_inputs[0].shape[0])
+        for v in [*model.graph.input, *model.graph.output]:
+            if v.type.tensor_type.HasField("shape") and len(v.type.tensor_type.shape.dim):
+                v.type.tensor_type.shape.dim[0].dim_value = b
+    res = ExportResult(model=model, exporter=head.exporter, opset=head.opset, fallback_reason=head.fallback_reason)
+    res.nodes_exported = res.nodes_simplified = len(model.graph.node)
+    res.simplified_with = head.simplified_with
+    res.notes.append("per-sample switch: head, first and second parts exported separately and composed into If nodes")
+    return res
 
 
 def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:

@@ -342,7 +342,15 @@ def judge(
                 lat = latency_comparison(str(prep.model_path), str(tmp), x64, provider)
 
         retention = retention_check(float(before["accuracy"]), float(after["accuracy"]), max_accuracy_drop, len(heldout))
-        ok = fidelity["passed"] and (retention["passed"] or force)
+        limit = (result.info or {}).get("latency_limit")  # a method's own latency constraint, checked on the file
+        latency_ok = True
+        if limit and contract.is_image:
+            from .runtime import interleaved_ratio
+
+            measured = interleaved_ratio(str(prep.model_path), str(tmp), x64)
+            latency_ok = max(measured.values()) <= float(limit)
+            lat["limit"] = {"max_ratio": float(limit), "measured_interleaved_1_thread": measured, "passed": latency_ok}
+        ok = fidelity["passed"] and ((retention["passed"] and latency_ok) or force)
         retention["forced"] = bool(force and not retention["passed"])
         cfg = prep.config
         res = RepairResult(
@@ -367,6 +375,13 @@ def judge(
             raise ValidationFailed(
                 f"exported model disagrees with the repaired graph ({fidelity['reason']}; max abs diff {fidelity['max_abs']:.2e}, "
                 f"needed atol {fidelity['required_atol']:.2e}, argmax agreement {fidelity['argmax_agreement']:.3f}); nothing written"
+            )
+        if not ok and not latency_ok and retention["passed"]:
+            m = lat["limit"]["measured_interleaved_1_thread"]
+            raise ValidationFailed(
+                f"the repaired file is {max(m.values()):.2f}x the original's latency on onnxruntime ("
+                + ", ".join(f"{k} {v:.2f}x" for k, v in m.items()) + f", 1 thread, interleaved), over --max-latency-ratio "
+                f"{float(limit):g}; no model written (use --force to write it anyway)"
             )
         if not ok:
             r = retention

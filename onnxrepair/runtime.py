@@ -242,6 +242,44 @@ def latency_comparison(original: str | os.PathLike, repaired: str | os.PathLike,
     return {"original": a, "repaired": b, "ratio": {k: b[k] / a[k] for k in a}, "notes": na + nb}
 
 
+def interleaved_ratio(original: str | os.PathLike, repaired: str | os.PathLike, example: np.ndarray, batches: Sequence[int] = (1, 64),
+                      threads: int = 1, budget_s: float = 3.0) -> dict[str, float]:
+    """Repaired/original time per call at each of ``batches``, CPU, ``threads`` intra-op threads: the two sessions
+    run A B B A (on shared cores the load swings 2x between seconds; calls microseconds apart see the same load) and
+    the ratio of each side's 20th-percentile call time is reported. Batch 1 cycles through up to 32 rows of ``example``.
+    At most ~``budget_s`` seconds per batch size, at least 15 rounds."""
+    def sess(path) -> Session:
+        s = make_session(path, "cpu", threads=threads)
+        return s
+
+    sa, sb = sess(original), sess(repaired)
+    na, nb = sa.input_names[0], sb.input_names[0]
+    dtype = ORT_TO_NP.get(sa.sess.get_inputs()[0].type, np.float32)
+    out: dict[str, float] = {}
+    for b in batches:
+        if b == 1:
+            feeds = [np.ascontiguousarray(example[i : i + 1], dtype=dtype) for i in range(min(32, len(example)))]
+        else:
+            xb = np.repeat(example[:1], b, axis=0) if len(example) < b else example[:b]
+            feeds = [np.ascontiguousarray(xb, dtype=dtype)]
+        for f in feeds[:3]:
+            sa.run({na: f}), sb.run({nb: f})
+        ta, tb, t_start, i = [], [], time.perf_counter(), 0
+        while i < 15 or (time.perf_counter() - t_start < budget_s and i < 400):
+            f = feeds[i % len(feeds)]
+            t0 = time.perf_counter(); sa.run({na: f}); t1 = time.perf_counter()
+            sb.run({nb: f}); t2 = time.perf_counter()
+            sb.run({nb: f}); t3 = time.perf_counter()
+            sa.run({na: f}); t4 = time.perf_counter()
+            ta += [t1 - t0, t4 - t3]
+            tb += [t2 - t1, t3 - t2]
+            i += 1
+        # each side's 20th percentile: on oversubscribed cores the longer calls are preempted more often, which
+        # pulls a median of per-round ratios up (bench/deeppatch_latency.py measured 14-30x for a 2.7x file)
+        out[f"batch{b}"] = float(np.percentile(tb, 20) / np.percentile(ta, 20))
+    return out
+
+
 def output_reading(session: Session) -> str | None:
     """How the first output gives a class: ``label`` (an integer output: the classes themselves),
     ``scores`` (several columns: argmax), ``probability`` (one column out of a Sigmoid, through

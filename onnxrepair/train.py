@@ -91,6 +91,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     steps: int = 0
     eligible: bool = True  # False when a score was given and no epoch qualified (the original was kept)
+    stopped_at: int | None = None  # the epoch after which ``patience`` stopped training, None when it ran every epoch
 
 
 Batch = Any
@@ -117,6 +118,7 @@ def train_loop(
     batch_weight: Callable[[Batch], float] | None = None,
     progress: Reporter = SILENT,
     label: str = "train",
+    patience: int = 0,
 ) -> TrainResult:
     """The one training loop every method and baseline runs.
 
@@ -130,7 +132,9 @@ def train_loop(
     eligible score — ties keep the earlier epoch, and when no epoch is eligible, the original — and
     ``keep="last"`` the last epoch's. ``train_mode`` puts the model in train mode while stepping (full
     fine-tuning); otherwise it stays in eval mode so frozen BatchNorm statistics and disabled dropout stay.
-    The model is in eval mode afterwards.
+    The model is in eval mode afterwards. ``patience`` > 0 (with ``score`` and ``keep="best"``): stop after that many
+    epochs in a row without a better score (the checkpoint kept is the one a full run would keep whenever the best
+    epoch comes before the stop).
 
     Under torchrun (:mod:`onnxrepair.distributed`) each rank draws the same global batch, ``prepare(batch, step)``
     (the batch's randomness: perturbation, augmented views, attack starts) runs on the whole of it on every rank,
@@ -175,6 +179,7 @@ def train_loop(
         consider(0, row)
         history.append(row)
     step = 0
+    stopped = None
     # a caller's no_grad() must not silently turn training into a no-op
     with torch.enable_grad(), progress.task(label, total=epochs * n_batches) as advance:
         for epoch in range(1, epochs + 1):
@@ -214,13 +219,16 @@ def train_loop(
             history.append(row)
             progress.epoch(epoch, epochs, loss=row["loss"], **{k: v for k, v in row.items()
                                                                if k not in ("epoch", "loss") and isinstance(v, float)})
+            if patience > 0 and score is not None and keep == "best" and epoch - (best["epoch"] or 0) >= patience and epoch < epochs:
+                stopped = epoch
+                break
     if score is not None and keep == "best":
         state = best["state"] if best["state"] is not None else original
         model.load_state_dict(state, strict=False)
     model.eval()
     chosen = best["epoch"] if (score is not None and keep == "best") else epochs
     return TrainResult(best_epoch=chosen if chosen is not None else 0, best_score=best["value"], history=history, steps=step,
-                       eligible=best["epoch"] is not None)
+                       eligible=best["epoch"] is not None, stopped_at=stopped)
 
 
 def fit(
@@ -243,6 +251,7 @@ def fit(
     state_filter: Callable[[str], bool] | None = None,
     augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     max_clean_drop: float = 100.0,
+    patience: int = 0,
 ) -> TrainResult:
     """:func:`train_loop` with SGD over labelled images: ``batch_loss(x, y, step)``; ``model`` ends holding
     the checkpoint with the best ``score()["mixed"]`` (epoch 0, the original, competes too), in eval mode.
@@ -273,7 +282,8 @@ def fit(
     prepare = None if augment is None else (lambda b, step: (augment(b[0], step), b[1]))
     res = train_loop(model, opt, batches, lambda b, step: batch_loss(b[0], b[1], step), epochs=epochs,
                      n_batches=(len(train) + batch_size - 1) // batch_size, score=scored, keep="best",
-                     train_mode=train_mode, state_keys=state_filter, prepare=prepare, progress=progress)
+                     train_mode=train_mode, state_keys=state_filter, prepare=prepare, progress=progress,
+                     patience=patience)
     for row in res.history:  # the history speaks of the calibration score's own keys
         row.pop("score", None)
     return res

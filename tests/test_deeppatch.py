@@ -32,7 +32,9 @@ def repaired(tmp_path_factory):
     model = train_tiny(TinyCNN(), train, epochs=10)
     path = tmp_path_factory.mktemp("dp") / "tiny.onnx"
     gm = to_onnx_and_back(model, path)
-    out = _run(gm, train, calib, epochs=3, assess_samples=96)
+    # the training form (units mixed in by the graph, the stats gate on the first patched conv): what these tests
+    # inspect; the deployed switch (the default) has its own tests in test_deeppatch_switch.py
+    out = _run(gm, train, calib, epochs=3, assess_samples=96, deploy="mix", gate="stats")
     return gm, out, path
 
 
@@ -153,7 +155,10 @@ def test_stats_gate_is_default_and_reports_all_aucs(repaired):
     _, out, _ = repaired
     g = out.info["gate"]
     assert g["kind"] == "stats"
-    assert set(g["auc"]) == {"disagreement", "logistic", "stats"}
+    assert set(g["auc"]) == {"disagreement", "logistic", "stats", "input"}
+    # the default since issue 14: the input gate in the deployment switch (cheapest; AUC on a par, bench_latency)
+    cfg = get("deeppatch").config_cls()
+    assert (cfg.gate, cfg.deploy, cfg.switch) == ("input", "switch", "overlay")
     assert all(0.0 <= v <= 1.0 for v in g["auc"].values())
     # threshold set so that about gate_clean_rate (2 %) of clean calib inputs reach the patch
     assert out.info["routing_calib"]["clean"] <= 0.05

@@ -93,3 +93,20 @@ def test_skip_connection_and_ranking_order(tmp_path):
         # perfloss: most blamed = smallest harm from masking
         assert s.acc_score[order[0]] == s.acc_score.min()
         assert sorted(order.tolist()) == list(range(len(s.acc_score)))
+
+
+@torch.no_grad()
+def test_stable_assessment_stops_early_with_the_scores_of_the_samples_it_used(setup):
+    """``stable``: a conv stops once its blamed set repeats; its scores are exactly a full run's on the samples it used."""
+    gm, clean, pert, y = setup
+    k = lambda c: c // 4  # noqa: E731
+    early = assess_filters(gm, clean, pert, y, method="featswap", batch_size=16, stable=1, top_k=k)
+    full = assess_filters(gm, clean, pert, y, method="featswap", batch_size=16)
+    assert all(s.n_samples == len(y) for s in full.values())
+    used = {name: s.n_samples for name, s in early.items()}
+    assert min(used.values()) < len(y), used  # measured: every conv of the tiny CNN stops by 48 of 160 samples
+    for name, s in early.items():
+        ref = assess_filters(gm, clean[: s.n_samples], pert[: s.n_samples], y[: s.n_samples], method="featswap",
+                             batch_size=16, layers=[name])[name]
+        np.testing.assert_array_equal(s.acc_score, ref.acc_score)
+        np.testing.assert_allclose(s.loss_score, ref.loss_score, rtol=1e-12, atol=1e-12)

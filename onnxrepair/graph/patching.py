@@ -89,6 +89,85 @@ def stats_features(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.cat([torch.log(a + eps), torch.log(dh + dw + eps)], dim=1)
 
 
+def input_bank(channels: int) -> torch.Tensor:
+    """Fixed 3x3 depthwise filters per input channel: identity, horizontal and vertical difference, Laplacian."""
+    ident = torch.tensor([[0.0, 0, 0], [0, 1, 0], [0, 0, 0]])
+    dx = torch.tensor([[0.0, 0, 0], [0, -1, 1], [0, 0, 0]])
+    dy = torch.tensor([[0.0, 0, 0], [0, -1, 0], [0, 1, 0]])
+    lap = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])
+    bank = torch.stack([ident, dx, dy, lap])[:, None]  # (4, 1, 3, 3)
+    return bank.repeat(channels, 1, 1, 1)  # (4C, 1, 3, 3), groups=C
+
+
+class InputGate(nn.Module):
+    """A per-sample router that reads the *model input* only (``--gate input``): per input channel, log mean |.|
+    of the input and of three fixed 3x3 filters of it (horizontal and vertical difference, Laplacian: what blur
+    lowers and noise raises), then the ``stats`` gate's classifier ([z, z^2], balanced logistic, threshold at the
+    calibrated clean rate). One depthwise conv on the input instead of reductions over the first patched conv's
+    wider map, and no unit output needed, so it runs before anything of the model: the deployment switch then sends
+    a batch it routes nowhere through the untouched original graph."""
+
+    def __init__(self, channels: int, nhwc: bool = False) -> None:
+        super().__init__()
+        self.channels, self.nhwc = channels, nhwc
+        self.register_buffer("bank", input_bank(channels))
+        self.routing = "gate"
+        self.kind = "input"
+        n = 4 * channels
+        self.register_buffer("stats_mean", torch.zeros(n))
+        self.register_buffer("stats_std", torch.ones(n))
+        self.register_buffer("stats_weight", torch.zeros(2 * n))
+        self.register_buffer("stats_bias", torch.tensor(0.0))
+        self.register_buffer("folded_weight", torch.zeros(2 * n))
+        self.register_buffer("folded_thr", torch.tensor(0.0))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 4C) raw features of a model-space input batch (N, C, H, W), or (N, H, W, C) for an NHWC model."""
+        if self.nhwc:
+            x = x.permute(0, 3, 1, 2)
+        # stride 2: the mean over a quarter of the positions estimates the same statistic at a quarter of the cost
+        f = nn.functional.conv2d(x, self.bank, stride=2, groups=self.channels)
+        return torch.log(f.abs().mean(dim=(2, 3)) + 1e-6)
+
+    def standardised_stats(self, raw: torch.Tensor) -> torch.Tensor:
+        z = (raw - self.stats_mean) / self.stats_std
+        return torch.cat([z, z * z], dim=1)
+
+    def score_features(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.standardised_stats(raw) @ self.stats_weight + self.stats_bias
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier as one (8C,) weight on [f, f^2] of the raw features and a threshold: the standardisation
+        folded in, so the deployed gate is Conv, Abs, ReduceMean, Add, Log, Mul, Concat, MatMul, Greater."""
+        m, s = self.stats_mean.double(), self.stats_std.double()
+        n = m.numel()
+        w1, w2 = self.stats_weight[:n].double(), self.stats_weight[n:].double()
+        lin = w1 / s - 2 * w2 * m / (s * s)
+        quad = w2 / (s * s)
+        const = self.stats_bias.double() + (-w1 * m / s + w2 * m * m / (s * s)).sum()
+        return torch.cat([lin, quad]).to(self.stats_weight.dtype), (-const).to(self.stats_weight.dtype)
+
+    def forward(self, x: torch.Tensor, _unused: torch.Tensor | None = None) -> torch.Tensor:
+        if self.routing == "patched":
+            return torch.ones_like(x[:, 0, 0, 0], dtype=torch.bool)
+        if self.routing == "original":
+            return torch.zeros_like(x[:, 0, 0, 0], dtype=torch.bool)
+        return self.route_features(self.features(x))
+
+    def freeze(self) -> None:
+        """Store :meth:`folded` (call after fitting and thresholding; routing then reads only the folded form)."""
+        w, thr = self.folded()
+        self.folded_weight.copy_(w)
+        self.folded_thr.copy_(thr)
+
+    def route_features(self, raw: torch.Tensor) -> torch.Tensor:
+        """Route from raw features (N, 4C) by the folded classifier (what the exported gate computes)."""
+        return torch.cat([raw, raw * raw], dim=1) @ self.folded_weight > self.folded_thr
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
 class DivisionGate(nn.Module):
     """Per-sample router at the first patched conv. Inputs: the original conv output and the unit's delta.
 
@@ -298,10 +377,168 @@ def insert_patches(gm: fx.GraphModule, plan: dict[str, list[int]], *, bias: str 
 def set_routing(gm: nn.Module, routing: str) -> None:
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}")
-    gate = getattr(gm, GATE_NAME, None)
+    gate = get_gate(gm)
     if gate is not None:
         gate.routing = routing
 
 
 def get_gate(gm: nn.Module) -> DivisionGate | None:
-    return getattr(gm, GATE_NAME, None)
+    """The gate of a patched model, in its training form (an attribute) or inside a :class:`PerSampleSwitch`."""
+    g = getattr(gm, GATE_NAME, None)
+    if g is None and isinstance(gm, PerSampleSwitch):
+        g = getattr(gm.head, GATE_NAME, None)
+    return g
+
+
+# --------------------------------------------------------------------------- deployment: a per-sample switch
+
+
+def positions(route: torch.Tensor) -> torch.Tensor:
+    """Where row i of the batch sits in ``cat([rows not routed, rows routed])``: its inverse permutation."""
+    r = route.to(torch.int64)
+    n_o = (1 - r).sum()
+    return torch.where(route, n_o + torch.cumsum(r, 0) - 1, torch.cumsum(1 - r, 0) - 1)
+
+
+SWITCH_MODES = ("overlay", "exclusive")
+
+
+class PerSampleSwitch(nn.Module):
+    """``head(x) -> (route, *carried)``; rows not routed get ``first(*carried)``, routed rows ``second(x)``; each
+    sub-model runs only on its own rows (a batch that routes nothing runs ``first`` alone). Exported by
+    :mod:`converters.switch` (the ``switch_parts`` protocol) as ``If`` nodes with the same three branches."""
+
+    def __init__(self, head: nn.Module, first: nn.Module, second: nn.Module, mode: str = "overlay") -> None:
+        super().__init__()
+        if mode not in SWITCH_MODES:
+            raise ValueError(f"mode must be one of {SWITCH_MODES}")
+        self.head, self.first, self.second = head, first, second
+        self.switch_mode = mode
+
+    def switch_parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.head, self.first, self.second
+
+    def forward(self, *xs: torch.Tensor):
+        h = self.head(*xs)
+        route, carried = h[0], tuple(h[1:])
+        if self.switch_mode == "overlay":  # the original on every row, the routed rows overwritten
+            out = self.first(*carried)
+            if not bool(route.any()):
+                return out
+            ir = torch.nonzero(route)[:, 0]
+            b = self.second(*[x.index_select(0, ir) for x in xs])
+            if isinstance(out, (tuple, list)):
+                return type(out)(u.index_copy(0, ir, v) for u, v in zip(out, b))
+            return out.index_copy(0, ir, b)
+        if not bool(route.any()):
+            return self.first(*carried)
+        if bool(route.all()):
+            return self.second(*xs)
+        io, ir = torch.nonzero(~route)[:, 0], torch.nonzero(route)[:, 0]
+        a = self.first(*[c.index_select(0, io) for c in carried])
+        b = self.second(*[x.index_select(0, ir) for x in xs])
+        pos = positions(route)
+        if isinstance(a, (tuple, list)):
+            return type(a)(torch.cat([u, v]).index_select(0, pos) for u, v in zip(a, b))
+        return torch.cat([a, b]).index_select(0, pos)
+
+
+class GateHead(nn.Module):
+    """model input -> (route, cut, *carried): the original model up to the first patched conv (``carrier``, whose
+    first output is that conv's output) and the gate on it. Only gates that read the original output alone
+    (``stats``; ``patched``/``original`` routing) can run here: the unit's delta is not computed."""
+
+    def __init__(self, carrier: nn.Module, gate: DivisionGate) -> None:
+        super().__init__()
+        self.carrier = carrier
+        self.add_module(GATE_NAME, gate)
+
+    def forward(self, x: torch.Tensor):
+        c = self.carrier(x)
+        c = tuple(c) if isinstance(c, (tuple, list)) else (c,)
+        return (getattr(self, GATE_NAME)(c[0], c[0]), *c)
+
+
+class CarryInput(nn.Module):
+    """model input -> (gate prefix output, model input): the fallback carrier when the cut's carried values are
+    not all batch-first tensors; ``first`` is then the whole original model (the prefix is computed twice)."""
+
+    def __init__(self, prefix: nn.Module) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def forward(self, x: torch.Tensor):
+        return self.prefix(x), x
+
+
+class DropFirst(nn.Module):
+    """(cut, x) -> model(x): the original model behind a :class:`CarryInput` head."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, cut: torch.Tensor, x: torch.Tensor):
+        return self.model(x)
+
+
+def folded_model(original: fx.GraphModule, trained: fx.GraphModule, layers: list[PatchedLayer]) -> fx.GraphModule:
+    """A copy of ``original`` whose patched convs carry the units' filters in place of the blamed ones: exactly the
+    trained model's patched path (up to float rounding), at exactly the original's cost."""
+    import copy
+
+    out = copy.deepcopy(original)
+    with torch.no_grad():
+        for l in layers:
+            conv = out.get_submodule(l.target)
+            unit = trained.get_submodule(l.unit)
+            idx = torch.tensor(l.channels, dtype=torch.long, device=conv.weight.device)
+            conv.weight.index_add_(0, idx, unit.weight.to(conv.weight.dtype))
+            if unit.bias is not None:
+                if conv.bias is None:
+                    conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device),
+                                             requires_grad=False)
+                conv.bias.index_add_(0, idx, unit.bias.to(conv.bias.dtype))
+    return out
+
+
+class InputHead(nn.Module):
+    """model input -> (route, model input): an :class:`InputGate` in front of the whole original model."""
+
+    def __init__(self, gate: InputGate) -> None:
+        super().__init__()
+        self.add_module(GATE_NAME, gate)
+
+    def forward(self, x: torch.Tensor):
+        return getattr(self, GATE_NAME)(x), x
+
+
+def switch_model(original: fx.GraphModule, trained: fx.GraphModule, layers: list[PatchedLayer], example: torch.Tensor,
+                 input_gate: InputGate | None = None, mode: str = "overlay") -> tuple[PerSampleSwitch, str]:
+    """The deployment form of a patched model (see :func:`insert_patches` for the training form): the gate on the
+    original first patched conv's output decides per sample; rows it leaves run the rest of the *original*
+    model from that conv on, routed rows run :func:`folded_model`. Returns (model, how the original side was cut)."""
+    import copy
+
+    from .split import split_at
+
+    folded = folded_model(original, trained, layers).eval()
+    if input_gate is not None:
+        sw = PerSampleSwitch(InputHead(input_gate), copy.deepcopy(original).eval(), folded, mode).eval()
+        sw.add_module(GATE_NAME, input_gate)  # the same module, also where the training form has it (get_gate, hooks)
+        return sw, "whole original model (input gate)"
+    gate = get_gate(trained)
+    orig = copy.deepcopy(original).eval()
+    sp = split_at(orig, layers[0].layer)
+    carrier = sp._carrier if sp._carrier is not None else sp.prefix
+    with torch.no_grad():
+        probe = carrier(example[:3] if len(example) >= 3 else example.repeat(3, *([1] * (example.ndim - 1)))[:3])
+    probe = probe if isinstance(probe, tuple) else (probe,)
+    if all(isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == 3 for v in probe):
+        head, first, how = GateHead(carrier, gate), sp.suffix, f"original model cut after {layers[0].layer} ({len(probe) - 1} carried)"
+    else:
+        head, first = GateHead(CarryInput(sp.prefix), gate), DropFirst(orig)
+        how = f"whole original model (values crossing {layers[0].layer} are not all batch-first tensors)"
+    sw = PerSampleSwitch(head, first, folded, mode).eval()
+    sw.add_module(GATE_NAME, gate)
+    return sw, how

@@ -88,11 +88,17 @@ def assess_filters(
     group: int = 16,
     batch_size: int = 128,
     progress: Callable[[], None] | None = None,
+    stable: int = 0,
+    top_k: Callable[[int], int] | None = None,
 ) -> dict[str, LayerScores]:
     """Score every output channel of every ``nn.Conv2d`` (or of the named ``layers``).
 
     ``x_clean`` / ``x_perturbed`` are model inputs for the same images (paired, for featswap) and ``y``
     their labels. Returns ``{node name: LayerScores}``.
+
+    ``stable`` > 0 with ``top_k`` (C_out -> how many filters get blamed): a conv's assessment stops once its blamed
+    set (the top ``top_k(C_out)`` of the running scores) has come out the same after ``stable`` batches of samples in a
+    row; ``LayerScores.n_samples`` says how many it used. The scores are then those of the first samples only.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -107,6 +113,8 @@ def assess_filters(
         loss_sum = np.zeros(c_out)
         base_acc = base_loss = 0.0
         n_total = 0
+        last_top: frozenset | None = None
+        same = 0
         for i in range(0, len(y), batch_size):
             xp, yb = x_perturbed[i : i + batch_size], y[i : i + batch_size]
             n = len(yb)
@@ -134,11 +142,23 @@ def assess_filters(
             n_total += n
             if progress is not None:
                 progress()
-        acc_m, loss_m = acc_sum / n_total, loss_sum / n_total
-        b_acc, b_loss = base_acc / n_total, base_loss / n_total
-        if method == "perfloss":
-            acc_score, loss_score = b_acc - acc_m, loss_m - b_loss  # harm done by masking
-        else:
-            acc_score, loss_score = acc_m - b_acc, b_loss - loss_m  # recovery from the clean map
-        result[node.name] = LayerScores(node.name, str(node.target), method, acc_score, loss_score, b_acc, b_loss, n_total)
+            if stable > 0 and top_k is not None and i + batch_size < len(y):
+                top = frozenset(_scores(method, acc_sum, loss_sum, base_acc, base_loss, n_total, node, conv).top(top_k(c_out)))
+                same = same + 1 if top == last_top else 0
+                last_top = top
+                if same >= stable:
+                    break
+        result[node.name] = _scores(method, acc_sum, loss_sum, base_acc, base_loss, n_total, node, conv)
     return result
+
+
+def _scores(method: str, acc_sum: np.ndarray, loss_sum: np.ndarray, base_acc: float, base_loss: float, n_total: int,
+            node: fx.Node, conv: nn.Conv2d) -> LayerScores:
+    """Scores from the running sums over ``n_total`` samples."""
+    acc_m, loss_m = acc_sum / n_total, loss_sum / n_total
+    b_acc, b_loss = base_acc / n_total, base_loss / n_total
+    if method == "perfloss":
+        acc_score, loss_score = b_acc - acc_m, loss_m - b_loss  # harm done by masking
+    else:
+        acc_score, loss_score = acc_m - b_acc, b_loss - loss_m  # recovery from the clean map
+    return LayerScores(node.name, str(node.target), method, acc_score, loss_score, b_acc, b_loss, n_total)

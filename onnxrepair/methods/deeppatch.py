@@ -34,6 +34,23 @@ unit, and the paper's 0.01 diverged on the MNIST bench (every epoch worse than t
 best checkpoint on calib clean + perturbed was the original). The checkpoint criterion is the paper's:
 patched path, mean of calib clean and calib perturbed accuracy.
 
+Deployment (issue 14, ``deploy=``, ``switch=``). Training runs on the patched graph of
+:func:`~onnxrepair.graph.patching.insert_patches` (units as deltas, mixed in by a 1x1 conv, a mask per sample); its
+export cost 2-3x the original on small CNNs (``bench/results/deeppatch_latency.md``, variant ``mix``). A routed
+sample sees exactly the original convs with the blamed filters replaced, so the default deployment is a
+:class:`~onnxrepair.graph.patching.PerSampleSwitch`: the gate, the untouched original model, and the original
+architecture with the units folded into its conv weights (``folded_model``: no extra op at all), exported as ONNX
+``If`` nodes. ``switch="overlay"`` (default) runs the original in the main graph on every row and, only when some
+row is routed, the folded model on those rows inside the ``If`` (onnxruntime applies its NCHWc layout and fusions to
+the main graph only, so this keeps the clean path as fast as the original file, bit for bit its outputs, and a
+routed row costs both); ``"exclusive"`` runs each row through one side (a routed row costs one model, but both sides
+run inside ``If`` branches at onnxruntime's unoptimised layout). The added cost no longer depends on how many
+layers or filters are patched, only on the gate: ``gate="input"`` reads four fixed 3x3 filters (identity,
+horizontal/vertical difference, Laplacian) of the model *input* at stride 2, a few microseconds, where the ``stats``
+gate's reductions over the first patched conv's map cost 25-30 % of the file. ``max_latency_ratio``: the pipeline
+measures the exported file against the original (onnxruntime, 1 thread, interleaved) and refuses it (exit 1,
+nothing written) over the limit.
+
 Memory (issue 19): the assessment's stacked passes (``assess_group`` ablations x ``assess_batch`` images at most)
 and the calibration's capture batch are sized by the repair's memory budget (:mod:`onnxrepair.memory`) from the
 model's measured per-sample activation cost; a split changes no result (the scores are sums over samples, the gate
@@ -55,7 +72,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import UsageError
-from ..graph.patching import PREFIX, DivisionGate, get_gate, insert_patches, set_routing
+from ..graph.patching import PREFIX, SWITCH_MODES, DivisionGate, InputGate, get_gate, insert_patches, set_routing, switch_model
 from ..localize.filters import METHODS as ASSESS_METHODS
 from ..localize.filters import assess_filters, conv_nodes
 from ..memory import activation_cost
@@ -67,7 +84,8 @@ from . import MethodOutput, RepairInputs, register
 
 log = logging.getLogger(__name__)
 
-GATES = ("disagreement", "logistic", "stats", "none")
+GATES = ("disagreement", "logistic", "stats", "input", "none")
+DEPLOY = ("switch", "mix")
 
 
 @dataclass
@@ -87,19 +105,31 @@ class DeepPatchConfig:
     assess_samples: int = 512  # sample budget for filter assessment
     assess_group: int = 16  # at most this many ablations stacked per pass (fewer when the memory budget says so)
     assess_batch: int = 128  # at most this many images per assessment pass (fewer when the memory budget says so)
-    gate: str = "stats"  # stats (default, best AUC on the bench) | disagreement (published) | logistic | none (always patched)
+    gate: str = "input"  # input (default: model-input filter statistics, cheapest) | stats (first patched conv) | disagreement (published) | logistic | none
     gate_samples: int = 2000  # training images for the logistic and stats gates
     gate_clean_rate: float = 0.02  # stats gate: fraction of clean calib inputs allowed onto the patch
     unit_bias: str = "auto"  # auto (bias where the conv has one, BN folded) | yes | no (as published)
+    deploy: str = "switch"  # switch (per-sample If: original or folded model, stats/none gates) | mix (the training graph)
+    switch: str = "overlay"  # overlay (original in the main graph, routed rows redone) | exclusive (each row runs one side)
+    patience: int = 0  # > 0: stop training after this many epochs without a better calibration score (0: every epoch)
+    assess_stable: int = 0  # > 0: stop a conv's assessment once its blamed set is unchanged over this many sample batches
+    max_latency_ratio: float = 0.0  # > 0: the repaired file may cost at most this times the original (measured on the file by the pipeline)
 
 
 def _variants(spec: PerturbSpec) -> list[tuple[str, float]]:
     return spec.variants
 
 
+_STOP_AT_GATE = True  # the gate's training passes end at the gate (False: the whole model runs, as before issue 14; the repair-time bench flips it)
+
+
+class _GateReached(Exception):
+    """Raised by :func:`_reduced_pass`'s hook to end a forward at the gate when only the gate's inputs are wanted."""
+
+
 @torch.no_grad()
 def _reduced_pass(gm: fx.GraphModule, x_model: torch.Tensor, y: torch.Tensor | None, batch: int,
-                  orig: nn.Module | None = None) -> dict[str, torch.Tensor]:
+                  orig: nn.Module | None = None, igate: InputGate | None = None) -> dict[str, torch.Tensor]:
     """One pass over ``x_model`` in batches of ``batch``: what the gate reads, reduced per batch as it is produced
     (:meth:`DivisionGate.reduce`: O(N * C), never the (orig, delta) maps), and with labels ``y`` the per-sample
     correctness of this pass (``correct``) and of ``orig`` on the same inputs (``correct_orig``)."""
@@ -109,11 +139,21 @@ def _reduced_pass(gm: fx.GraphModule, x_model: torch.Tensor, y: torch.Tensor | N
     def keep(m: DivisionGate, inp, out) -> None:  # returns None: a hook's return value would replace the output
         for k, v in m.reduce(inp[0], inp[1]).items():
             parts.setdefault(k, []).append(v)
+        if y is None and _STOP_AT_GATE:  # nothing after the gate is read: stop the forward here
+            raise _GateReached
 
     h = gate.register_forward_hook(keep)
     try:
         for i in range(0, len(x_model), batch):
             xb = x_model[i : i + batch]
+            if igate is not None:
+                parts.setdefault("input", []).append(igate.reduce(xb))
+            if y is None:
+                try:
+                    gm(xb)
+                except _GateReached:
+                    pass
+                continue
             out = first_output(gm(xb))
             if y is not None:
                 yb = y[i : i + batch]
@@ -192,6 +232,16 @@ def _fit_stats(gate: DivisionGate, f_clean: torch.Tensor, f_pert: torch.Tensor, 
     gate.stats_bias.copy_(b)
 
 
+def _fit_input(gate: InputGate, f_clean: torch.Tensor, f_pert: torch.Tensor, steps: int = 200) -> None:
+    """:func:`_fit_stats` for the input gate's features."""
+    f = torch.cat([f_clean.float(), f_pert.float()])
+    gate.stats_mean.copy_(f.mean(0))
+    gate.stats_std.copy_(f.std(0).clamp_min(1e-6))
+    w, b = _balanced_logistic(gate.standardised_stats(f), len(f_clean), steps)
+    gate.stats_weight.copy_(w)
+    gate.stats_bias.copy_(b)
+
+
 def _calibrate(gm: fx.GraphModule, inputs: RepairInputs, cfg: DeepPatchConfig, spec: PerturbSpec, train, calib, calib_data,
                layers, batch: int) -> tuple[dict, dict, dict, list]:
     """Fit and calibrate the gate (every kind, so the report compares them; the configured one routes) and measure
@@ -203,11 +253,13 @@ def _calibrate(gm: fx.GraphModule, inputs: RepairInputs, cfg: DeepPatchConfig, s
     variants = _variants(spec)
     unit = contract.to_unit(calib_data.x).to(dev)
     orig = inputs.model.to(dev).eval()
+    nhwc = contract.layout == "nhwc"
+    igate = InputGate(int(calib.clean.shape[-1 if nhwc else 1]), nhwc=nhwc).to(dev)
     set_routing(gm, "patched")
-    red: dict[str, dict[str, torch.Tensor]] = {"clean": _reduced_pass(gm, calib.clean, calib.y, batch, orig)}
+    red: dict[str, dict[str, torch.Tensor]] = {"clean": _reduced_pass(gm, calib.clean, calib.y, batch, orig, igate)}
     for i, (k, lvl) in enumerate(variants):
         x = contract.to_model(apply_variant(unit, k, lvl, seed=inputs.seed + i))
-        red[f"{k}:{lvl:g}"] = _reduced_pass(gm, x, calib.y, batch, orig)
+        red[f"{k}:{lvl:g}"] = _reduced_pass(gm, x, calib.y, batch, orig, igate)
         del x
     del unit
     pert_names = [n for n in red if n != "clean"]
@@ -234,6 +286,8 @@ def _calibrate(gm: fx.GraphModule, inputs: RepairInputs, cfg: DeepPatchConfig, s
 
     # AUC = P(score(perturbed) > score(clean)) on calib (the fitted gates learn from training images, never calib)
     def calib_scores(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if kind == "input":
+            return igate.score_features(red["clean"]["input"]), torch.cat([igate.score_features(red[n]["input"]) for n in pert_names])
         gate.kind = kind
         return gate.score_reduced(red["clean"]), torch.cat([gate.score_reduced(red[n]) for n in pert_names])
 
@@ -241,10 +295,16 @@ def _calibrate(gm: fx.GraphModule, inputs: RepairInputs, cfg: DeepPatchConfig, s
     gen = np.random.default_rng(inputs.seed + 5)
     g_unit = contract.to_unit(g_data.x).to(dev)
     g_pert = contract.to_model(perturb_all(g_unit, spec, gen))
-    r_clean = _reduced_pass(gm, contract.to_model(g_unit), None, batch)
+    r_clean = _reduced_pass(gm, contract.to_model(g_unit), None, batch, igate=igate)
     del g_unit
-    r_pert = _reduced_pass(gm, g_pert, None, batch)
+    r_pert = _reduced_pass(gm, g_pert, None, batch, igate=igate)
     del g_pert
+    _fit_input(igate, r_clean["input"], r_pert["input"])
+    sci, spi = calib_scores("input")
+    auc_input = _auc(sci, spi)
+    thr_input = float(torch.quantile(sci.double().cpu(), 1.0 - cfg.gate_clean_rate))
+    igate.stats_bias.sub_(thr_input)
+    igate.freeze()
     _fit_logistic(gate, r_clean["features"], r_pert["features"], inputs.seed)
     auc_logistic = _auc(*calib_scores("logistic"))
     _fit_stats(gate, r_clean["stats"], r_pert["stats"])
@@ -253,11 +313,15 @@ def _calibrate(gm: fx.GraphModule, inputs: RepairInputs, cfg: DeepPatchConfig, s
     # threshold: at most gate_clean_rate of clean calib inputs above it
     thr = float(torch.quantile(sc.double().cpu(), 1.0 - cfg.gate_clean_rate))
     gate.stats_bias.sub_(thr)
-    gate_info["auc"] = {"disagreement": _auc(*calib_scores("disagreement")), "logistic": auc_logistic, "stats": auc_stats}
+    gate_info["auc"] = {"disagreement": _auc(*calib_scores("disagreement")), "logistic": auc_logistic, "stats": auc_stats,
+                        "input": auc_input}
     gate_info["trained_on"] = f"{len(g_data)} training images, clean vs perturbed"
     gate.kind = cfg.gate if cfg.gate in ("logistic", "stats") else "disagreement"
     if cfg.gate == "logistic":
         gate_info.update(features="gate statistic + per-channel mean |activation| of the first patched conv", auc_logistic=auc_logistic)
+    elif cfg.gate == "input":
+        gate_info.update(features="[z, z^2] of per-channel log mean |x|, |dx|, |dy|, |Laplacian| of the model input",
+                         clean_rate_target=cfg.gate_clean_rate, auc_input=auc_input, threshold=thr_input)
     elif cfg.gate == "stats":
         gate_info.update(features="[z, z^2] of per-channel log mean |x| and log mean |spatial difference| of the first patched conv",
                          clean_rate_target=cfg.gate_clean_rate, auc_stats=auc_stats, threshold=thr)
@@ -265,7 +329,12 @@ def _calibrate(gm: fx.GraphModule, inputs: RepairInputs, cfg: DeepPatchConfig, s
     route_rate: dict[str, float] = {}
     acc_sets: dict[str, dict[str, float]] = {}
     for name, r in red.items():
-        route = torch.ones_like(r["correct"]) if cfg.gate == "none" else gate.score_reduced(r) > 0
+        if cfg.gate == "none":
+            route = torch.ones_like(r["correct"])
+        elif cfg.gate == "input":
+            route = igate.route_features(r["input"])
+        else:
+            route = gate.score_reduced(r) > 0
         route_rate[name] = float(route.float().mean())
         repaired = torch.where(route, r["correct"], r["correct_orig"])  # a routed sample takes exactly one path
         acc_sets[name] = {"original": float(r["correct_orig"].float().mean()), "repaired": float(repaired.float().mean()),
@@ -274,7 +343,7 @@ def _calibrate(gm: fx.GraphModule, inputs: RepairInputs, cfg: DeepPatchConfig, s
                "perturbed_mean": float(np.mean([route_rate[n] for n in pert_names]))}
     acc = {f"{who}_clean": acc_sets["clean"][who] for who in ("original", "repaired", "patched_path")}
     acc.update({f"{who}_perturbed": float(np.mean([acc_sets[n][who] for n in pert_names])) for who in ("original", "repaired", "patched_path")})
-    return gate_info, routing, acc, variants
+    return gate_info, routing, acc, variants, igate
 
 
 @register(
@@ -290,6 +359,14 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         raise UsageError(f"--assess must be one of {', '.join(ASSESS_METHODS)}, not {cfg.assess!r}")
     if cfg.gate not in GATES:
         raise UsageError(f"--gate must be one of {', '.join(GATES)}, not {cfg.gate!r}")
+    if cfg.deploy not in DEPLOY:
+        raise UsageError(f"--deploy must be one of {', '.join(DEPLOY)}, not {cfg.deploy!r}")
+    if cfg.gate == "input" and cfg.deploy != "switch":
+        raise UsageError("--gate input runs only in the deployment switch (--deploy switch): the training graph has no place for it")
+    if cfg.switch not in SWITCH_MODES:
+        raise UsageError(f"--switch must be one of {', '.join(SWITCH_MODES)}, not {cfg.switch!r}")
+    if cfg.max_latency_ratio < 0:
+        raise UsageError(f"--max-latency-ratio must be > 0 (or 0: no limit), not {cfg.max_latency_ratio}")
     if not 0 < cfg.ratio <= 1:
         raise UsageError(f"--ratio must be in (0, 1], not {cfg.ratio}")
     if not inputs.contract.is_image:
@@ -347,6 +424,7 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         scores = assess_filters(
             gm, calib.clean[:n_assess], calib.perturbed[:n_assess], calib.y[:n_assess], method=cfg.assess,
             output_kind=inputs.output_kind, layers=candidates, group=a_group, batch_size=a_batch, progress=advance,
+            stable=cfg.assess_stable, top_k=lambda c: int(np.floor(cfg.ratio * c)),
         )
     t_assess = time.perf_counter() - t0
     plan = {name: scores[name].top(int(np.floor(cfg.ratio * len(scores[name].acc_score)))) for name in candidates}
@@ -364,7 +442,7 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
             gm, unit_params, train, calib, contract, inputs.output_kind, spec=spec, epochs=cfg.epochs,
             batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             perturb_prob=cfg.perturb_prob, device=dev, seed=inputs.seed, progress=inputs.progress,
-            state_filter=lambda k: k.startswith(PREFIX), eval_batch=cap,
+            state_filter=lambda k: k.startswith(PREFIX), eval_batch=cap, patience=cfg.patience,
         )
     for p in gm.parameters():
         p.requires_grad_(False)
@@ -376,11 +454,20 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
     # correctness of both paths without another pass.
     with mem.stage("method.calibrate"):
         info_cal = _calibrate(gm, inputs, cfg, spec, train, calib, calib_data, layers, cap)
-    gate_info, routing, acc, variants = info_cal
+    gate_info, routing, acc, variants, igate = info_cal
 
-    params_added = sum(p.numel() for n, p in gm.named_parameters() if n.startswith(PREFIX))
+    deploy: dict = {"form": "mix", "reason": "asked for (--deploy mix)"}
+    trained = gm
+    if cfg.deploy == "switch" and cfg.gate in ("stats", "none", "input"):
+        gm, how = switch_model(inputs.model.to(dev).eval(), trained, layers, calib.clean[:4], igate if cfg.gate == "input" else None,
+                               cfg.switch)
+        deploy = {"form": "switch", "mode": cfg.switch, "original_side": how}
+    elif cfg.deploy == "switch":
+        deploy = {"form": "mix", "reason": f"the {cfg.gate} gate reads the unit's output, which the switch does not compute"}
+    params_added = sum(p.numel() for n, p in trained.named_parameters() if n.startswith(PREFIX))
     gate_params = {"logistic": sum(b.numel() for n, b in gate.named_buffers() if n in ("weight", "bias", "feat_mean", "feat_std")),
-                   "stats": sum(b.numel() for n, b in gate.named_buffers() if n.startswith("stats_"))}.get(cfg.gate, 2)
+                   "stats": sum(b.numel() for n, b in gate.named_buffers() if n.startswith("stats_")),
+                   "input": sum(b.numel() for n, b in igate.named_buffers() if n.startswith("folded_"))}.get(cfg.gate, 2)
     info = {
         "assess": cfg.assess,
         "ratio": cfg.ratio,
@@ -396,8 +483,11 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         "calib_accuracy": acc,
         "params_added": int(params_added),
         "gate_params": int(gate_params),
-        "params_original": int(sum(p.numel() for n, p in gm.named_parameters() if not n.startswith(PREFIX))),
+        "params_original": int(sum(p.numel() for n, p in trained.named_parameters() if not n.startswith(PREFIX))),
+        "deploy": deploy,
+        "latency_limit": cfg.max_latency_ratio or None,
         "best_epoch": result.best_epoch,
+        "stopped_at_epoch": result.stopped_at,
         "history": result.history,
         "seconds": {"assess": round(t_assess, 2), "total": round(time.perf_counter() - t0, 2)},
         "calib_samples": len(calib.y),
