@@ -104,7 +104,11 @@ class ArchRepairConfig:
     batch_size: int = 128
     lr: float = 0.001  # op weights (SGD); 0.01 and 0.003 diverged on the BN-folded MNIST ResNet fixture
     arch_lr: float = 0.003  # alpha (Adam)
-    warm_logit: float = 3.0  # warm start: alpha of "original" (its edge) and of "none" (the other edges)
+    warm_logit: float = 3.0  # warm start: alpha of "original" on its edge (others 0)
+    none_logit: float = 3.0  # warm start: alpha of "none" on the other edges (others 0)
+    kd: float = 0.0  # weight of the distillation term: KL to the original model's outputs on clean pool images
+    ft_lr: float = 0.0  # fine-tuning lr (SGD); 0: lr
+    search_images: int = 0  # at most this many repair images in each half of the search (0: all)
     max_clean_drop: float = 0.5  # points of calib clean accuracy a checkpoint may lose to be preferred
     keep_alpha_scale: bool = True  # the chosen op keeps its softmax weight as a constant scale (DARTS drops it)
 
@@ -202,6 +206,33 @@ class Scaled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x) * self.weight
+
+
+def _last_conv(op: nn.Module) -> nn.Conv2d | None:
+    """The conv whose output is the op's output (so scaling it scales the op), or None."""
+    if isinstance(op, nn.Conv2d):
+        return op
+    if isinstance(op, nn.Sequential) and len(op) and isinstance(op[-1], nn.Conv2d):
+        return op[-1]
+    if isinstance(op, fx.GraphModule):
+        out = next(n for n in op.graph.nodes if n.op == "output").args[0]
+        if isinstance(out, fx.Node) and out.op == "call_module" and len(out.users) == 1:
+            mod = op.get_submodule(str(out.target))
+            return mod if isinstance(mod, nn.Conv2d) else None
+    return None
+
+
+def fold_scale(op: nn.Module, weight: float) -> nn.Module:
+    """The op times ``weight``: folded into its last conv's weight and bias when it ends in a conv (the same function,
+    and its fine-tuning gradients are no longer shrunk by the weight), else a :class:`Scaled` Mul."""
+    conv = _last_conv(op)
+    if conv is None:
+        return Scaled(op, weight)
+    with torch.no_grad():
+        conv.weight.mul_(weight)
+        if conv.bias is not None:
+            conv.bias.mul_(weight)
+    return op
 
 
 class DiscreteCell(nn.Module):
@@ -358,8 +389,10 @@ def repair_data(inputs: RepairInputs, cfg: ArchRepairConfig, spec: PerturbSpec, 
     pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(inputs.seed + 1))[:n_mix]
     mixed = contract.to_model(perturb_mixture(unit[pick], spec, 0.5, gen))
     passing = x_clean[~wrong_clean][:512]
+    with torch.no_grad():
+        teacher = torch.cat([first_output(model(x_clean[i : i + 512])) for i in range(0, len(x_clean), 512)]) if cfg.kd > 0 else None
     return {
-        "x_fail": fx_, "y_fail": fy, "x_pass": passing,
+        "x_fail": fx_, "y_fail": fy, "x_pass": passing, "x_kd": x_clean, "t_kd": teacher,
         "x": torch.cat([fx_, mixed]), "y": torch.cat([fy, y[pick]]),
         "counts": {"pool": len(y), "clean_failures": int(wrong_clean.sum()), "corrupted_failures": int(wrong_corr.sum()),
                    "failures_used": len(fy), "training_mixed_in": int(n_mix)},
@@ -421,9 +454,10 @@ def build_relaxed(block: Block, body: nn.Module, shortcut, act, cfg: ArchRepairC
         edges[(i, j)] = MixedOp(ops)
         reached.add(j)
         a = torch.zeros(len(ops))
-        warm = ORIGINAL if ORIGINAL in ops else ("none" if (i, j) != (0, last) and "none" in ops else None)
-        if warm is not None:  # start close to the trained block (module doc: warm start)
-            a[list(ops).index(warm)] = cfg.warm_logit
+        if ORIGINAL in ops:  # start close to the trained block (module doc: warm start)
+            a[list(ops).index(ORIGINAL)] = cfg.warm_logit
+        elif (i, j) != (0, last) and "none" in ops:
+            a[list(ops).index("none")] = cfg.none_logit
         init[(i, j)] = a
     if (0, last) not in edges:
         raise UsageError("no candidate op fits the block's shapes on the edge input -> output: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
@@ -454,7 +488,7 @@ def discretise(cell: RelaxedCell, keep_weight: bool = True) -> tuple[DiscreteCel
         report.append({"edge": f"{key[0]}->{key[1]}", "op": op, "alpha": {n: round(float(v), 4) for n, v in zip(names, w)}})
         if key in kept:
             op = copy.deepcopy(cell.edges[k].ops[kept[key]])
-            chosen[key] = Scaled(op, float(w[kept[key]])) if keep_weight else op
+            chosen[key] = fold_scale(op, float(w[kept[key]])) if keep_weight else op
     return DiscreteCell(chosen, cell.nodes, copy.deepcopy(cell.shortcut), copy.deepcopy(cell.act)), report
 
 
@@ -469,6 +503,16 @@ def _preferring_clean(clean: float, corrupted: float, orig_clean: float, max_dro
 
 def _ce(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.nn.functional.nll_loss(log_probs(out, kind), y)
+
+
+KD_T = 2.0  # distillation temperature (Hinton et al. 2015); the loss is scaled by T^2
+
+
+def _kd(out: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """KL(teacher || student) at temperature KD_T, both given as model outputs of ``kind``."""
+    s = torch.log_softmax(log_probs(out, kind) / KD_T, 1)
+    t = torch.log_softmax(log_probs(teacher, kind) / KD_T, 1)
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean") * KD_T**2
 
 
 def _with_cell(gm: fx.GraphModule, block: Block, cell: nn.Module) -> fx.GraphModule:
@@ -532,6 +576,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     orig_runner = Runner(gm, target.entry)
     o_clean, o_corr = _acc(orig_runner, orig_runner.cache(c_clean, cy)), _acc(orig_runner, orig_runner.cache(c_corr, cy))
     search_only_original = set(cfg.ops) <= {ORIGINAL}
+    search_best, search_sizes = 0, [0, 0]
     history: dict[str, list] = {"search": [], "finetune": []}
     edges_report: list[dict] = []
     skipped: dict[str, str] = {}
@@ -548,14 +593,18 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         rep = relaxed_runner.cache(data["x"], data["y"])
         cal_clean = relaxed_runner.cache(c_clean, cy)
         cal_corr = relaxed_runner.cache(c_corr, cy)
+        kd_set = relaxed_runner.cache(data["x_kd"], data["t_kd"]) if cfg.kd > 0 else None
         perm = torch.randperm(len(rep), generator=torch.Generator().manual_seed(inputs.seed + 3))
         half = len(rep) // 2
-        w_set, a_set = rep.take(perm[half:]), rep.take(perm[:half])
+        cap = cfg.search_images if cfg.search_images > 0 else half
+        w_set, a_set = rep.take(perm[half:][:cap]), rep.take(perm[:half][:cap])
+        search_sizes = [len(w_set), len(a_set)]
         cell_mod = getattr(relaxed_model, CELL_NAME)
         alphas = list(cell_mod.alphas.parameters())
         w_params = [p for n, p in cell_mod.named_parameters() if not n.startswith("alphas")]
         opt_w = torch.optim.SGD(w_params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
         opt_a = torch.optim.Adam(alphas, lr=cfg.arch_lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        kd_iter = _cycle(kd_set, cfg.batch_size, inputs.seed * 1000 + 900) if kd_set is not None else None
 
         def search_batches(epoch: int):
             a_iter = _cycle(a_set, cfg.batch_size, inputs.seed * 1000 + epoch + 500)
@@ -565,21 +614,25 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         def search_step(batch, step: int) -> torch.Tensor:
             wb, ab = batch
             opt_a.zero_grad(set_to_none=True)
-            _ce(relaxed_runner(ab), ab.y, kind).backward()  # first-order DARTS: alpha on the held-out half
+            _loss(relaxed_runner, ab, kd_iter, cfg.kd, kind).backward()  # first-order DARTS: alpha on the held-out half
             opt_a.step()
-            return _ce(relaxed_runner(wb), wb.y, kind)
+            return _loss(relaxed_runner, wb, kd_iter, cfg.kd, kind)
+
+        grads = _OpGrads(cell_mod)
 
         def search_score(epoch: int):
             value, info = _preferring_clean(_acc(relaxed_runner, cal_clean), _acc(relaxed_runner, cal_corr), o_clean, cfg.max_clean_drop)
             info["alpha"] = {f"{i}->{j}": {n: round(float(v), 3) for n, v in zip(cell_mod.edges[k].names, torch.softmax(cell_mod.alphas[k].detach(), 0))}
                              for k, (i, j) in enumerate(cell_mod.keys)}
+            info["op_grad"] = grads.take()
             return value, info
 
         res = train_loop(relaxed_model, opt_w, search_batches, search_step, epochs=cfg.search_epochs,
                          n_batches=-(-len(w_set) // cfg.batch_size), score=search_score, keep="best",
-                         state_keys=lambda k: k.startswith(CELL_NAME + "."),
+                         state_keys=lambda k: k.startswith(CELL_NAME + "."), before_step=grads.add,
                          batch_len=lambda b: len(b[0]), progress=inputs.progress, label="archrepair search")
         history["search"] = res.history
+        search_best = res.best_epoch
         cell, edges_report = discretise(cell_mod, cfg.keep_alpha_scale)
         timings["search"] = time.perf_counter() - t
 
@@ -590,15 +643,17 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     rep = runner.cache(data["x"], data["y"])
     cal_clean = runner.cache(c_clean, cy)
     cal_corr = runner.cache(c_corr, cy)
+    kd_set = runner.cache(data["x_kd"], data["t_kd"]) if cfg.kd > 0 else None
+    kd_iter = _cycle(kd_set, cfg.batch_size, inputs.seed * 1000 + 950) if kd_set is not None else None
     cell_params = [p for p in getattr(model, CELL_NAME).parameters()]
     if cell_params and cfg.finetune_epochs > 0:
-        opt = torch.optim.SGD(cell_params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(cell_params, lr=cfg.ft_lr or cfg.lr, momentum=0.9, weight_decay=5e-4)
 
         def ft_score(epoch: int):
             return _preferring_clean(_acc(runner, cal_clean), _acc(runner, cal_corr), o_clean, cfg.max_clean_drop)
 
         res = train_loop(model, opt, lambda e: _batches(rep, cfg.batch_size, inputs.seed * 1000 + 77 + e),
-                         lambda b, s: _ce(runner(b), b.y, kind), epochs=cfg.finetune_epochs,
+                         lambda b, s: _loss(runner, b, kd_iter, cfg.kd, kind), epochs=cfg.finetune_epochs,
                          n_batches=-(-len(rep) // cfg.batch_size), score=ft_score, keep="best",
                          state_keys=lambda k: k.startswith(CELL_NAME + "."), batch_len=len, progress=inputs.progress, label="archrepair fine-tune")
         history["finetune"] = res.history
@@ -623,6 +678,10 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
                             "in_shape": target.in_shape, "out_shape": target.out_shape, "stride": target.stride},
         "layer_ranking": layer_ranking,
         "edges": edges_report,
+        "alpha_trajectory": _trajectory(history["search"]),
+        "search_best_epoch": search_best,
+        "search_images": {"weights": search_sizes[0], "alpha": search_sizes[1]},
+        "kd": cfg.kd,
         "ops_left_out": skipped,
         "repair_data": data["counts"],
         "params_removed": removed,
@@ -653,6 +712,46 @@ def _region_params(gm: fx.GraphModule, block: Block) -> list[nn.Parameter]:
         n = nodes[name]
         if n.op == "call_module":
             out.extend(gm.get_submodule(str(n.target)).parameters())
+    return out
+
+
+def _loss(run: Runner, b: Cached, kd_iter, kd: float, kind: str) -> torch.Tensor:
+    """Cross-entropy on a repair batch, plus ``kd`` times the distillation term on a batch of clean pool images."""
+    loss = _ce(run(b), b.y, kind)
+    if kd_iter is not None and kd > 0:
+        kb = next(kd_iter)
+        loss = loss + kd * _kd(run(kb), kb.y, kind)
+    return loss
+
+
+class _OpGrads:
+    """Mean |dL/dw| of each candidate op's weights per search epoch (diagnostic: do zero-initialised ops learn?)."""
+
+    def __init__(self, cell: RelaxedCell) -> None:
+        self.cell, self.sums, self.n = cell, {}, 0
+
+    def add(self) -> None:
+        self.n += 1
+        for k, (i, j) in enumerate(self.cell.keys):
+            for name, op in zip(self.cell.edges[k].names, self.cell.edges[k].ops):
+                gs = [p.grad.abs().mean() for p in op.parameters() if p.grad is not None]
+                if gs:
+                    key = f"{i}->{j}:{name}"
+                    self.sums[key] = self.sums.get(key, 0.0) + float(torch.stack(gs).mean())
+
+    def take(self) -> dict[str, float]:
+        out = {k: float(f"{v / max(self.n, 1):.3g}") for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
+
+
+def _trajectory(search_history: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """{edge: {op: [softmax weight after epoch 0, 1, ...]}} from the search history."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for row in search_history:
+        for edge, ws in row.get("alpha", {}).items():
+            for op, w in ws.items():
+                out.setdefault(edge, {}).setdefault(op, []).append(w)
     return out
 
 
