@@ -204,7 +204,7 @@ def test_kd_term_is_zero_only_on_the_teacher_and_enters_the_loss(one_torch_threa
     assert float(_loss(run, rep, None, 0.7, "logits")) == pytest.approx(float(_ce(student, rep.y, "logits")), rel=1e-5)
     # through the method: the distillation term changes the training loss and is reported
     inputs = _inputs(RESNET)
-    a = _run(inputs, ops="original", finetune_epochs=1)
+    a = _run(inputs, ops="original", finetune_epochs=1, kd=0.0)
     b = _run(inputs, ops="original", finetune_epochs=1, kd=1.0)
     assert a.info["kd"] == 0.0 and b.info["kd"] == 1.0
     assert b.info["history"]["finetune"][1]["loss"] > a.info["history"]["finetune"][1]["loss"]
