@@ -164,19 +164,21 @@ def test_model_without_blocks_exits_2_saying_why(tmp_path, capsys):
     assert rc == 2 and "needs a block to repair" in err and "no convolution" in err
 
 
-def test_search_picks_new_ops_when_alpha_can_move(one_torch_thread):
-    """With a weak warm start on the original and none at 0 on the other edges, the search trains the new ops
-    (their weight gradients are reported) and picks new ops for the cell; the alpha trajectory is in info."""
+@pytest.mark.parametrize("opts, warm", [({}, 3.0), ({"warm_logit": "1"}, 1.0)])
+def test_search_picks_new_ops_when_alpha_can_move(one_torch_thread, opts, warm):
+    """With the defaults (arch_lr 0.03, "none" level with the new ops off the original's edge) the search trains
+    the new ops (their weight gradients are reported) and picks new ops for the cell beside the original; the
+    alpha trajectory is in info. The first version's settings (arch_lr 0.003, none_logit 3) never did."""
     from onnxrepair.methods.archrepair import CELL_NAME, PRIMITIVES
 
     inputs = _inputs(RESNET)
-    out = _run(inputs, arch_lr=0.03, warm_logit=1, none_logit=0, search_epochs=2)
+    out = _run(inputs, search_epochs=2, **opts)
     info = out.info
     new = [e["op"] for e in info["edges"] if e["op"] in PRIMITIVES and e["op"] != "none"]
     assert new, info["edges"]
     traj = info["alpha_trajectory"]
     assert set(traj) == {"0->1", "0->2", "1->2"} and len(traj["0->2"]["original"]) == 3  # epochs 0, 1, 2
-    assert traj["0->2"]["original"][0] == pytest.approx(float(np.exp(1) / (np.exp(1) + 8)), abs=1e-3)
+    assert traj["0->2"]["original"][0] == pytest.approx(float(np.exp(warm) / (np.exp(warm) + 8)), abs=1e-3)
     assert traj["0->1"]["none"][0] == pytest.approx(1 / 8, abs=1e-3)
     grads = info["history"]["search"][1]["op_grad"]
     assert grads["0->1:conv_3x3"] > 0 and grads["0->2:original"] > 0
