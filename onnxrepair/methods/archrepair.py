@@ -49,7 +49,7 @@ Why the first version never picked a new op, and lost clean accuracy (issue 12; 
   the original keeps its warm start (``warm_logit`` 3) on its edge.
 * **Zero-initialised ops barely learn in the mixture.** Their output is 0 at the start, so their alpha gradient
   equals "none"'s, and their weight gradients are scaled by their softmax weight (~0.04): on the MNIST fixture
-  1e-3..1e-2 against 0.6 for the original body. With "none" level they get ~0.13 and learn; fold_scale (step 5)
+  5e-4..1e-2 against 0.6 for the original body. With "none" level they get ~0.13 and learn; fold_scale (step 5)
   keeps them learning after discretisation.
 * **Clean loss came from the data, not the discretisation.** Validation (``bench/archrepair_sweep.py``: 1,000
   CIFAR-10 training-split images outside the model's training subset, 10k-image model at 67.2 % clean, 48.1 %
