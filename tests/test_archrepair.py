@@ -107,10 +107,35 @@ def test_search_can_keep_the_original_block_exactly(one_torch_thread):
     x = torch.rand(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(out.model(x), inputs.model(x), atol=1e-5)
-    # by default the kept op keeps its softmax weight as a constant scale
+    # by default the kept op keeps its softmax weight as a scale, folded into the body's last conv (no Mul left)
     scaled = _run(inputs, search_epochs=0, finetune_epochs=0)
     w = scaled.info["edges"][1]["alpha"]["original"]
-    assert float(getattr(scaled.model, CELL_NAME).ops[0].weight) == pytest.approx(w, abs=1e-4)
+    cell = getattr(scaled.model, CELL_NAME)
+    orig_cell = getattr(out.model, CELL_NAME)
+    h = torch.rand(4, *out.info["repaired_region"]["in_shape"])
+    with torch.no_grad():
+        assert torch.allclose(cell.ops[0](h), w * orig_cell.ops[0](h), atol=1e-3)  # w is rounded in the report
+    assert not any(type(m).__name__ == "Scaled" for m in cell.modules())
+
+
+def test_fold_scale_is_exact_and_falls_back_to_mul():
+    from onnxrepair.methods.archrepair import Scaled, fold_scale, make_op
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 4, 8, 8)
+    for name in ("conv_3x3", "sep_conv_3x3", "dil_conv_3x3", "avg_pool_3x3", "skip"):
+        op = make_op(name, 4, 6, 2)
+        for m in op.modules():  # new ops start at zero; give them weights
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.normal_(m.weight)
+        with torch.no_grad():
+            want = 0.3 * op(x)
+            got = fold_scale(copy.deepcopy(op), 0.3)
+            assert torch.allclose(got(x), want, atol=1e-5)
+        assert not isinstance(got, Scaled)  # each ends in a conv here (channels change)
+    pool = make_op("max_pool_3x3", 4, 4, 1)
+    s = fold_scale(pool, 0.3)
+    assert isinstance(s, Scaled) and torch.allclose(s(x), 0.3 * pool(x))
 
 
 def test_plain_cnn_stage_repair(one_torch_thread):
@@ -137,3 +162,64 @@ def test_model_without_blocks_exits_2_saying_why(tmp_path, capsys):
     rc = main(["repair", str(path), "--method", "archrepair", "--data", str(MNIST), "-o", str(tmp_path / "o.onnx"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "needs a block to repair" in err and "no convolution" in err
+
+
+@pytest.mark.parametrize("opts, warm", [({}, 3.0), ({"warm_logit": "1"}, 1.0)])
+def test_search_picks_new_ops_when_alpha_can_move(one_torch_thread, opts, warm):
+    """With the defaults (arch_lr 0.03, "none" level with the new ops off the original's edge) the search trains
+    the new ops (their weight gradients are reported) and picks new ops for the cell beside the original; the
+    alpha trajectory is in info. The first version's settings (arch_lr 0.003, none_logit 3) never did."""
+    from onnxrepair.methods.archrepair import CELL_NAME, PRIMITIVES
+
+    inputs = _inputs(RESNET)
+    out = _run(inputs, search_epochs=2, **opts)
+    info = out.info
+    new = [e["op"] for e in info["edges"] if e["op"] in PRIMITIVES and e["op"] != "none"]
+    assert new, info["edges"]
+    traj = info["alpha_trajectory"]
+    assert set(traj) == {"0->1", "0->2", "1->2"} and len(traj["0->2"]["original"]) == 3  # epochs 0, 1, 2
+    assert traj["0->2"]["original"][0] == pytest.approx(float(np.exp(warm) / (np.exp(warm) + 8)), abs=1e-3)
+    assert traj["0->1"]["none"][0] == pytest.approx(1 / 8, abs=1e-3)
+    grads = info["history"]["search"][1]["op_grad"]
+    assert grads["0->1:conv_3x3"] > 0 and grads["0->2:original"] > 0
+    # the default warm start keeps the original block and "none" elsewhere at epoch 0
+    cell = getattr(out.model, CELL_NAME)
+    assert len(cell.ops) == sum(1 for e in info["edges"] if "dropped" not in e["op"])
+
+
+def test_kd_term_is_zero_only_on_the_teacher_and_enters_the_loss(one_torch_thread):
+    from onnxrepair.methods.archrepair import Cached, _ce, _kd, _loss
+
+    t = torch.randn(6, 10)
+    assert float(_kd(t, t, "logits")) == pytest.approx(0, abs=1e-6)
+    s = torch.randn(6, 10, requires_grad=True)
+    loss = _kd(s, t, "logits")
+    loss.backward()
+    assert float(loss.detach()) > 0 and float(s.grad.abs().sum()) > 0
+    # _loss = CE on the repair batch + kd * KD on the next clean batch
+    student = torch.randn(4, 10)
+    run = lambda d: d.cut  # noqa: E731  (a runner whose "model" is the identity on cached outputs)
+    rep = Cached(student, (), torch.tensor([0, 1, 2, 3]))
+    kb = Cached(torch.randn(4, 10), (), torch.randn(4, 10))
+    want = _ce(student, rep.y, "logits") + 0.7 * _kd(kb.cut, kb.y, "logits")
+    assert float(_loss(run, rep, iter([kb]), 0.7, "logits")) == pytest.approx(float(want), rel=1e-5)
+    assert float(_loss(run, rep, None, 0.7, "logits")) == pytest.approx(float(_ce(student, rep.y, "logits")), rel=1e-5)
+    # through the method: the distillation term changes the training loss and is reported
+    inputs = _inputs(RESNET)
+    a = _run(inputs, ops="original", finetune_epochs=1, kd=0.0)
+    b = _run(inputs, ops="original", finetune_epochs=1, kd=1.0)
+    assert a.info["kd"] == 0.0 and b.info["kd"] == 1.0
+    assert b.info["history"]["finetune"][1]["loss"] > a.info["history"]["finetune"][1]["loss"]
+
+
+def test_ft_lr_and_search_images_are_used(one_torch_thread):
+    inputs = _inputs(RESNET)
+
+    def ft_loss(**o):
+        return _run(inputs, ops="original", finetune_epochs=1, **o).info["history"]["finetune"][1]["loss"]
+
+    frozen, moved = ft_loss(ft_lr=1e-12), ft_loss(ft_lr=0.01)
+    assert ft_loss() == pytest.approx(ft_loss(ft_lr=0.001))  # 0: the search's lr (0.001)
+    assert abs(moved - frozen) > 0.1 * frozen  # 0.01 moves the weights a lot on this BN-folded fixture
+    capped = _run(inputs, search_images=40, search_epochs=1, finetune_epochs=0)
+    assert capped.info["search_images"] == {"weights": 40, "alpha": 40}
