@@ -1,24 +1,33 @@
 """Peak memory and time of a repair, per method, on models of real size (issue 19).
 
-    .venv/bin/python bench/memory.py --data-dir ../shared/datasets [--models resnet18_cifar,resnet18_cifar_w32]
-        [--methods deeppatch,finetune] [--n-train 300] [--epochs 1] [--max-memory 4GB]
+    .venv/bin/python bench/memory.py --data-dir ../shared/datasets [--models resnet18_cifar_w16,resnet18_cifar_w32,
+        resnet18_cifar,resnet50_224] [--methods finetune,deeppatch,dare,archrepair,...] [--tabular-methods fmt,...]
+        [--n-train 300] [--epochs 1] [--max-memory 4GB] [--assess-convs N] [--threads 1]
+    .venv/bin/python bench/memory.py --merge a.json,b.json --out bench/results/memory.json   # runs made in parts
 
-Models come from ``bench/memory_models.py`` (random weights, seeded: only memory and time are measured). Each
-(model, method) pair runs in a fresh process, through the pipeline's own stages (prepare -> run -> export -> judge,
-as ``onnxrepair repair`` runs them), on a class-balanced CIFAR-10 subset (32x32) read from the shared tarball. Each
-child reports the process's peak resident memory (``ru_maxrss``: the figure ``/usr/bin/time -f %M`` gives) and the
-pipeline's per-stage figures (``RepairResult.memory``). The parent prints a table, the ratio of each method's peak to
-plain fine-tuning on the same model (target <= 1.5x) and whether DeepPatch stays under 4 GB with the default budget,
-and writes ``bench/results/memory.json`` and ``memory.txt``.
+Models come from ``bench/memory_models.py`` (random weights, seeded: only memory and time are measured): the CIFAR
+ResNet-18 at widths 16, 32 and 64 (0.7M, 2.8M, 11.2M parameters; 32x32) and torchvision's ResNet-50 (23.5M; 224x224,
+CIFAR-10 images upsampled). Each (model, method) pair runs in a fresh process through the pipeline's own stages
+(prepare -> run -> export -> judge, as ``onnxrepair repair`` runs them) on a class-balanced CIFAR-10 subset read from
+the shared tarball. The parent reads the child's peak resident memory from its rusage (``os.wait4``: the figure
+``/usr/bin/time -f %M`` gives); the parent imports no torch, since Linux starts a forked child's ``ru_maxrss`` at the
+parent's. Per-stage figures come from the report (``RepairResult.memory``). The table gives each method's peak, its
+ratio to plain fine-tuning on the same model (target <= 1.5x), how far the method stage rose above the resident size
+at its start and that ratio too, and whether the ResNet-18 stays under 4 GB and the ResNet-50 under 16 GB; JSON,
+text and a plot of peak memory against parameters (``memory.png``, drawn with Pillow) go to ``bench/results/``.
 
-Kept short so it runs on a shared 2-core machine: a few hundred images, one epoch, and DeepPatch's filter assessment
-on the stem convolution only with 16 assessment images (``--assess-all`` assesses every conv: ~4,800 filters on
-ResNet-18, each a pass of the rest of the network). The stem is where a stacked ablation holds the largest cut and
-runs the longest suffix; training still back-propagates through the whole network to the stem's unit, and the gate
-sits on the first patched conv as always.
+Every image method: finetune, deeppatch, dare (its history: three noisy copies of the model the bench exports with
+``memory_models.history``), archrepair, finetune-last, augmix, adversarial-training; FMT is tabular-only (a fairness
+repair of CSV rows), so it and the tabular peers run through the CLI on the Adult MLP fixture, the largest tabular
+model the project has (its baseline: reweigh-finetune, there being no plain ``finetune`` for tables).
 
-Other methods: ``--methods`` takes any registered name; ``METHOD_OPTIONS`` holds each one's bench settings (DARE
-needs its ``--history`` checkpoints, ArchRepair its block search budget: add them there when they land).
+Kept short so it runs on a shared 2-core machine, only where a setting sets time and not what one pass holds (the
+results say each): a few hundred images or fewer, one epoch, PGD-2, one DARE learning rate, one ArchRepair search and
+fine-tuning epoch, the judge's evaluation on clean + blur + Gaussian noise for every method, and DeepPatch's filter
+assessment on ``--assess-convs`` convs (0: every conv, the method's default; ~4,800 filters on the full-width
+ResNet-18, ~26,000 on ResNet-50, each a pass of the rest of the network). The stem is where a stacked ablation holds
+the largest cut and runs the longest suffix, and the assessment keeps only a ranking per layer, so its peak does not
+grow with the number of layers assessed (measured on width 16: every conv vs the stem alone).
 """
 
 from __future__ import annotations
@@ -360,12 +369,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "memory.json")
     ap.add_argument("--replot", type=Path, default=None, help="redraw the plot and table from a results JSON and exit")
+    ap.add_argument("--merge", default=None, help="comma-separated results JSONs (runs made in parts) merged into --out, with "
+                    "their table, verdicts and plot; each part's command is kept")
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(child(json.loads(Path(a.child).read_text())), default=str))
         return 0
     if a.prepare:
         print(json.dumps(prepare_inputs(json.loads(a.prepare))))
+        return 0
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) if not f.endswith(".jsonl") else
+                 {"command": f"(rows of a run stopped part-way: {f})", "rows": [json.loads(ln) for ln in Path(f).read_text().splitlines() if ln]}
+                 for f in a.merge.split(",")]
+        rows = [r for part in parts for r in part["rows"]]
+        txt, vs = table(rows), verdicts(rows)
+        cmds = [f".venv/bin/python {part['command']}" for part in parts]
+        a.out.write_text(json.dumps({"command": " && ".join(cmds), "parts": [{k: v for k, v in part.items() if k != "rows"}
+                                     for part in parts], "rows": rows, "verdicts": vs}, indent=2, default=str))
+        a.out.with_suffix(".txt").write_text(txt + "\n" + "\n".join(json.dumps(v) for v in vs) + "\nreproduce (the parts, then "
+                                             f"--merge):\n" + "\n".join(cmds) + f"\n.venv/bin/python bench/memory.py --merge {a.merge}\n")
+        print(txt)
+        print(plot(rows, a.out.with_suffix(".png")))
         return 0
     if a.replot:
         rows = json.loads(a.replot.read_text())["rows"]
@@ -379,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     want = {"models": models, "data_dir": str(a.data_dir), "n_train": a.n_train, "n_test": a.n_test, "r50_n_train": a.r50_n_train,
             "r50_n_test": a.r50_n_test, "dare": "dare" in (a.methods + "," + (a.r50_methods or "")).split(",")}
     made = _prepare_in_child(want)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".partial.jsonl").unlink(missing_ok=True)
     rows = []
     for model in models:
         r50 = model == "resnet50_224"
@@ -396,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                     "batch_size": a.r50_batch_size if r50 else None, "eval_corruptions": EVAL_CORRUPTIONS}
             print(f"... {model} {method}", file=sys.stderr, flush=True)
             rows.append(run_child(spec))
+            with open(a.out.with_suffix(".partial.jsonl"), "a") as f:  # a run stopped part-way keeps what it measured
+                f.write(json.dumps(rows[-1], default=str) + "\n")
             print(f"    peak {rows[-1]['peak_rss_mb'] / 1024:.2f}GB, {rows[-1]['wall_s']:.0f}s" +
                   (f", failed: {rows[-1]['error']}" if "error" in rows[-1] else ""), file=sys.stderr, flush=True)
     for method in [m for m in a.tabular_methods.split(",") if m]:

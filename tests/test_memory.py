@@ -6,6 +6,8 @@ pass into a few images. Same featswap ranking, same selected filters, same gate 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,15 @@ def _huge_numpy(*a, **k):
 ])
 def test_out_of_memory_in_a_stage_exits_2_names_it_and_writes_nothing(tmp_path, capsys, monkeypatch, target, fn, stage):
     monkeypatch.setattr(target, fn)
+    import converters.io
+
+    real_write = converters.io.write_model
+
+    def write_with_external_data(model, path, data_name=None):  # as a model past 2 GB does: weights in a file beside it
+        real_write(model, path, data_name)
+        (Path(path).parent / data_name).write_bytes(b"weights")
+
+    monkeypatch.setattr(converters.io, "write_model", write_with_external_data)
     out, report = tmp_path / "r.onnx", tmp_path / "r.json"
     code = main(["repair", str(fixture_path("torch_lenet_legacy11")), "--method", "finetune", "--data", str(DATA), "-o", str(out),
                  "--report", str(report), "--limit", "200", "-q", "--epochs", "1"])
