@@ -229,7 +229,7 @@ def method_increase_mb(r: dict) -> float | None:
 
 
 def _baselines(rows: list[dict]) -> dict[str, dict]:
-    return {r["model"]: r for r in rows if "error" not in r and r["method"] == BASELINE[r.get("kind", "image")]}
+    return {r["model"]: r for r in rows if "error" not in r and not r.get("variant") and r["method"] == BASELINE[r.get("kind", "image")]}
 
 
 def table(rows: list[dict]) -> str:
@@ -291,7 +291,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     PALETTE = list(_P) + [(227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
-    ok = [r for r in rows if "error" not in r and r.get("kind", "image") == "image"]
+    ok = [r for r in rows if "error" not in r and r.get("kind", "image") == "image" and not r.get("variant")]
     if not ok:
         return path
     methods = list(dict.fromkeys(r["method"] for r in ok))
@@ -339,7 +339,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         if gb <= ytop:
             for xx in range(int(x0), int(x1), 10):
                 d.line([xx, py(gb), xx + 5, py(gb)], fill=(120, 120, 120))
-            d.text((x0 + 4, py(gb) - 14), label, fill=(90, 90, 90))
+            d.text((x0 + (x1 - x0) // 3, py(gb) + 2), label, fill=(90, 90, 90))
     img.save(path)
     return path
 
@@ -379,12 +379,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(prepare_inputs(json.loads(a.prepare))))
         return 0
     if a.merge:
-        parts = [json.loads(Path(f).read_text()) if not f.endswith(".jsonl") else
-                 {"command": f"(rows of a run stopped part-way: {f})", "rows": [json.loads(ln) for ln in Path(f).read_text().splitlines() if ln]}
-                 for f in a.merge.split(",")]
+        parts = []
+        for item in a.merge.split(","):  # PATH or PATH:LABEL (LABEL is appended to the method's name: a variant)
+            f, _, label = item.partition(":")
+            part = json.loads(Path(f).read_text()) if not f.endswith(".jsonl") else \
+                {"command": f"(rows of a run stopped part-way, kept in {f})", "rows": [json.loads(ln) for ln in Path(f).read_text().splitlines() if ln]}
+            if label:
+                for r in part["rows"]:
+                    r["method"] = f"{r['method']}/{label}"
+                    r["variant"] = label
+            parts.append(part)
         rows = [r for part in parts for r in part["rows"]]
         txt, vs = table(rows), verdicts(rows)
-        cmds = [f".venv/bin/python {part['command']}" for part in parts]
+        cmds = [part["command"] if part["command"].startswith("(") else f".venv/bin/python {part['command']}" for part in parts]
         a.out.write_text(json.dumps({"command": " && ".join(cmds), "parts": [{k: v for k, v in part.items() if k != "rows"}
                                      for part in parts], "rows": rows, "verdicts": vs}, indent=2, default=str))
         a.out.with_suffix(".txt").write_text(txt + "\n" + "\n".join(json.dumps(v) for v in vs) + "\nreproduce (the parts, then "
