@@ -11,6 +11,7 @@ forward pass on random images so activations stay in a sane range through the de
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def _settle_bn(model: nn.Module, shape: tuple[int, ...], seed: int) -> nn.Module
 
 def make(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
     torch.manual_seed(seed)
-    if name.startswith("resnet18_cifar"):  # resnet18_cifar (full width 64), resnet18_cifar_w32 (half width, the issue's model)
+    if name.startswith("resnet18_cifar"):  # resnet18_cifar (full width 64), resnet18_cifar_w32 (half width, the issue's model), _w16
         width = int(name.rsplit("_w", 1)[1]) if "_w" in name else 64
         return _settle_bn(CifarResNet18(width=width), (32, 3, 32, 32), seed), (1, 3, 32, 32)
     if name == "resnet50_224":
@@ -96,6 +97,28 @@ def export(name: str, out_dir: Path, seed: int = 0) -> Path:
     res = export_graph(model, [torch.rand(*shape)], ["input"], ["logits"], exporter="legacy")
     onnx.save(res.model, str(path))
     return path
+
+
+def history(name: str, out_dir: Path, n: int = 3, seed: int = 0) -> Path:
+    """A training history for DARE made by the bench itself: ``n`` checkpoints of the model ``make(name, seed)``
+    exports, each its weights plus seeded Gaussian noise of 1 % (checkpoint 0) down to 1/n % of each tensor's
+    spread, BatchNorm statistics kept, exported like the model (``ckpt{i}.onnx``). Only memory and time are measured:
+    DARE holds, converts and runs these like any history."""
+    d = out_dir / f"{name}_history"
+    if d.exists() and len(list(d.glob("*.onnx"))) == n:
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    model, shape = make(name, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for i in range(n):
+        ck = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in ck.parameters():
+                if p.numel() > 1:
+                    p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.01 * (n - i) / n)
+        res = export_graph(ck.eval(), [torch.rand(*shape)], ["input"], ["logits"], exporter="legacy")
+        onnx.save(res.model, str(d / f"ckpt{i}.onnx"))
+    return d
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from converters.io import atomic_path  # noqa: F401  (one atomic writer for models and reports)
 
@@ -27,6 +28,20 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Pat
     if not parent.exists():
         raise UsageError(f"output directory {parent} does not exist")
     return out_p
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """Remove ``path`` if the block fails and the file was not there before it: the external-data file a model past
+    2 GB writes beside its temporary file (``write_model``'s ``data_name``), which no atomic rename covers."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and path.exists():
+            path.unlink()
+        raise
 
 
 def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:

@@ -60,6 +60,49 @@ class MemoryBudgetError(UsageError):
                          "nothing was written")
 
 
+class OutOfMemory(MemoryBudgetError):
+    """An allocation failed inside a stage that the budget had sized as fitting (exit 2): the machine or device had
+    less free than the budget assumed, or the stage needed more than its estimate (operator workspaces, a library's
+    own buffers). Raised by :meth:`Memory.stage` in place of ``MemoryError`` / ``torch.OutOfMemoryError`` / torch's
+    CPU allocator error, naming the innermost stage that was running, what was resident and what the failed
+    allocation asked for; the pipeline writes nothing after it (outputs go through temporary files)."""
+
+    def __init__(self, stage: str, in_use: int, tried: int | None, limit: int, cause: str) -> None:
+        self.stage, self.limit, self.tried, self.in_use = stage, int(limit), tried, int(in_use)
+        self.needed = int(in_use + (tried or 0))
+        asked = f"; it asked for {format_size(tried)} more with {format_size(in_use)} in use, so it needs at least " \
+                f"{format_size(self.needed, ceil=True)}" if tried else f" with {format_size(in_use)} in use"
+        UsageError.__init__(self, f"ran out of memory in stage {stage!r} ({cause}){asked}; the budget of {format_size(limit)} "
+                            "did not predict it: free memory, lower --batch-size or --max-memory, or use a larger machine; "
+                            "nothing was written")
+
+
+_OOM_TEXT = re.compile(r"can't allocate memory|not enough memory|out of memory|failed to allocate memory|cannot allocate memory", re.I)
+_TRIED = re.compile(r"(?:tried to allocate|allocate)\s+([0-9.]+)\s*(bytes|[KMGT]i?B)?", re.I)
+_TRIED_UNITS = {"bytes": 1, None: 1, "kib": 1 << 10, "kb": 1 << 10, "mib": 1 << 20, "mb": 1 << 20, "gib": 1 << 30,
+                "gb": 1 << 30, "tib": 1 << 40, "tb": 1 << 40}
+
+
+def out_of_memory(e: BaseException) -> tuple[bool, int | None, str]:
+    """(is this an allocation failure, bytes the failed allocation asked for if the message says, a short cause).
+    Python's and numpy's ``MemoryError``, ``torch.OutOfMemoryError`` (CUDA), torch's CPU allocator (a RuntimeError
+    "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes") and onnxruntime's "Failed to
+    allocate memory"."""
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    is_oom = isinstance(e, MemoryError) or (oom_type is not None and isinstance(e, oom_type)) or \
+        (isinstance(e, RuntimeError) and bool(_OOM_TEXT.search(str(e)))) or \
+        (type(e).__module__.startswith("onnxruntime") and bool(_OOM_TEXT.search(str(e))))
+    if not is_oom:
+        return False, None, ""
+    tried = None
+    m = _TRIED.search(str(e))
+    if m:
+        unit = (m.group(2) or "bytes").lower()
+        tried = int(float(m.group(1)) * _TRIED_UNITS.get(unit, 1))
+    first = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", str(e).strip()).splitlines()[0] if str(e).strip() else ""
+    return True, tried, f"{type(e).__name__}: {first[:120]}" if first else type(e).__name__
+
+
 def parse_size(text: str | int | float) -> int:
     """'4GB', '512MiB', '1.5g', 4 (GB) -> bytes. GB and GiB both mean 2**30 (memory is counted in pages)."""
     if isinstance(text, (int, float)):
@@ -307,6 +350,15 @@ class Memory:
             self._open.append(s)
         try:
             yield
+        except UsageError:
+            raise  # an inner stage's OutOfMemory already names it; a MemoryBudgetError names its own
+        except Exception as e:  # noqa: BLE001 - only allocation failures are turned into OutOfMemory, the rest re-raised
+            oom, tried, cause = out_of_memory(e)
+            if not oom:
+                raise
+            in_use = max(self.used(), rss_bytes())
+            log.error("out of memory in %s: %s", name, e)
+            raise OutOfMemory(name, in_use, tried, self.limit, cause) from e
         finally:
             rss = rss_bytes()
             with self._lock:

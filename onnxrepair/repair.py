@@ -32,7 +32,7 @@ from . import methods as method_registry
 from .data.contract import METADATA_KEY, InputContract
 from .data.dataset import ArrayDataset
 from .errors import DataError, UsageError, ValidationFailed
-from .io import atomic_path, check_output_path, read_model, write_json_atomic
+from .io import atomic_path, check_output_path, read_model, removed_on_failure, write_json_atomic
 from .memory import Memory, activation_cost, format_size
 from .data.protected import ProtectedSpec
 from .methods import MethodOutput, RepairInputs
@@ -319,7 +319,7 @@ def judge(
     timings, spec, heldout, contract = prep.timings, prep.spec, prep.heldout, prep.contract
     repaired = result.model
     dev = prep.inputs.device
-    with atomic_path(out_path) as tmp:
+    with removed_on_failure(out_path.parent / (out_path.name + ".data")), atomic_path(out_path) as tmp:  # nothing left on failure
         write_model(exported.model, tmp, data_name=out_path.name + ".data")
         t = time.perf_counter()
         progress.stage("validation", "the exported file against the repaired graph on onnxruntime")

@@ -6,6 +6,8 @@ pass into a few images. Same featswap ranking, same selected filters, same gate 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,61 @@ def test_fit_splits_and_refuses():
     assert mem.fit("x", 50 * MiB, 8) == 1  # one always fits when it fits in the budget
     with pytest.raises(MemoryBudgetError):
         mem.fit("x", 1 << 40, 1)
+
+
+# --------------------------------------------------------------------------- out of memory the budget did not predict
+
+
+def _huge_torch(*a, **k):
+    return torch.empty(1 << 48, dtype=torch.uint8)  # a real allocation failure: torch's CPU allocator refuses 256 TB
+
+
+def _huge_numpy(*a, **k):
+    return np.empty(1 << 48, dtype=np.uint8)  # numpy's own MemoryError
+
+
+@pytest.mark.parametrize("target,fn,stage", [
+    ("onnxrepair.methods.finetune.train_mixture", _huge_torch, "method"),  # during training
+    ("onnxrepair.evaluate.evaluate_models", _huge_numpy, "evaluate"),  # after export, inside the atomic write of -o
+])
+def test_out_of_memory_in_a_stage_exits_2_names_it_and_writes_nothing(tmp_path, capsys, monkeypatch, target, fn, stage):
+    monkeypatch.setattr(target, fn)
+    import converters.io
+
+    real_write = converters.io.write_model
+
+    def write_with_external_data(model, path, data_name=None):  # as a model past 2 GB does: weights in a file beside it
+        real_write(model, path, data_name)
+        (Path(path).parent / data_name).write_bytes(b"weights")
+
+    monkeypatch.setattr(converters.io, "write_model", write_with_external_data)
+    out, report = tmp_path / "r.onnx", tmp_path / "r.json"
+    code = main(["repair", str(fixture_path("torch_lenet_legacy11")), "--method", "finetune", "--data", str(DATA), "-o", str(out),
+                 "--report", str(report), "--limit", "200", "-q", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert list(tmp_path.iterdir()) == []  # no model, no report, no temporary file left behind
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and f"ran out of memory in stage {stage!r}" in line[0] and "nothing was written" in line[0]
+    assert "256.0TB" in line[0] or "262144" in line[0] or "needs at least" in line[0]  # how much it asked for
+    assert "Traceback" not in err
+
+
+def test_out_of_memory_names_the_innermost_stage_and_leaves_other_errors_alone():
+    from onnxrepair.memory import OutOfMemory
+
+    mem = Memory(limit=rss_bytes() + 100 * MiB)
+    with pytest.raises(OutOfMemory) as e:
+        with mem.stage("method"):
+            with mem.stage("method.train"):
+                _huge_torch()
+    assert e.value.stage == "method.train" and e.value.exit_code == 2
+    assert e.value.tried == 1 << 48 and e.value.needed >= 1 << 48  # what the failed allocation asked for, on top of what was in use
+    assert "method.train" in mem.stages and "method" in mem.stages  # both stages still measured
+    with pytest.raises(ValueError):  # not an allocation failure: untouched
+        with mem.stage("method"):
+            raise ValueError("a bug")
+    with pytest.raises(MemoryBudgetError) as e2:  # the budget's own refusal keeps its message
+        with mem.stage("method"):
+            mem.fit("x", 1 << 40, 1)
+    assert "smallest budget that would work" in str(e2.value)
