@@ -152,3 +152,25 @@ def test_drop_attribute_makes_predictions_independent_of_the_column(tmp_path):
     np.testing.assert_allclose(_ort(unpriv.model, x1, tmp_path, "u1"), _ort(gm, x0, tmp_path, "o0b"), atol=1e-6)
     with pytest.raises(UsageError, match="--value"):
         m.fn(_inputs(gm, ds, None), m.config_cls(value="other"))
+
+
+@pytest.mark.parametrize("method", ["reject-option", "drop-attribute"])
+def test_peers_repair_a_one_column_sigmoid_model_through_the_cli(tmp_path, method):
+    """A Keras model with one sigmoid column: the post-processing reads and rewrites P(class 1), the file keeps the
+    interface and passes the pipeline's fidelity check on onnxruntime."""
+    import json
+
+    from conftest import FIXTURES, fixture_path
+
+    from onnxrepair.cli import main
+
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    rc = main(["repair", str(fixture_path("keras_adult_sigmoid_tf2onnx")), "--method", method,
+               "--data", str(FIXTURES / "data" / "adult_train.csv"), "--val", str(FIXTURES / "data" / "adult_test.csv"),
+               "--target", "income", "--protected", "sex", "-o", str(out), "--report", str(rep), "--quiet", "--force", "--provider", "cpu"])
+    assert rc == 0 and out.exists()
+    report = json.loads(rep.read_text())
+    src, dst = onnx.load(fixture_path("keras_adult_sigmoid_tf2onnx")), onnx.load(out)
+    assert [(i.name, i.type) for i in src.graph.input] == [(i.name, i.type) for i in dst.graph.input]
+    assert [o.name for o in src.graph.output] == [o.name for o in dst.graph.output]
+    assert report["after"]["idr"] < report["before"]["idr"]  # both take away (drop) or override (band) the attribute's direct effect

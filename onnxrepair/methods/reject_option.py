@@ -42,10 +42,20 @@ PAPER = "Kamiran, Karim & Zhang, Decision Theory for Discrimination-Aware Classi
 SELECTION_METRICS = ("abs_spd", "aaod", "abs_eod")
 
 
+def _rows(out: torch.Tensor) -> torch.Tensor:
+    """(N, C) view of a classifier output: (N,) becomes (N, 1); (N, C) as it is. No reshape by ``len()`` (a traced
+    constant would fix the batch) and no Reshape op (its ``allowzero`` attribute breaks exports below opset 14)."""
+    if out.ndim == 1:
+        return out.unsqueeze(1)
+    if out.ndim != 2:
+        raise UsageError(f"reject-option post-processes (N, classes) outputs; this model's first output has shape {tuple(out.shape)}")
+    return out
+
+
 def favourable_score(out: torch.Tensor, kind: str, favourable: int = 1) -> torch.Tensor:
     """P(favourable class) per row from the first output: two columns (softmax of logits, or the probability as is),
     or one column (sigmoid of a logit, or P(class 1) as is)."""
-    out = out.flatten(1) if out.ndim > 1 else out.unsqueeze(1)  # no len(): a traced constant would fix the batch
+    out = _rows(out)
     if out.shape[1] == 1:
         q = out[:, 0] if kind == "probs" else torch.sigmoid(out[:, 0])
         return q if favourable == 1 else 1 - q
@@ -59,7 +69,7 @@ def encode_decision(out: torch.Tensor, fav: torch.Tensor, kind: str, favourable:
     """``out`` rewritten so the standard reading of it is the favourable class where ``fav`` and the other one
     elsewhere, in ``out``'s shape and dtype. Two columns: the larger value goes to the decided class (the
     pair of values is kept, only ordered); one column: the value's side of the boundary is set."""
-    o = out.flatten(1) if out.ndim > 1 else out.unsqueeze(1)
+    o = _rows(out)
     if o.shape[1] == 1:
         cls1 = fav if favourable == 1 else ~fav
         v = o[:, 0]
@@ -69,12 +79,12 @@ def encode_decision(out: torch.Tensor, fav: torch.Tensor, kind: str, favourable:
             new = torch.where(cls1, hi, torch.minimum(v, 1 - v))
         else:  # reading: logit > 0 is class 1
             new = torch.where(cls1, v.abs() + (v == 0).to(v.dtype) * 1e-6, -v.abs())
-        return new.view_as(out)
+        return new if out.ndim == 1 else new.unsqueeze(1)
     hi, lo = o.max(dim=1).values, o.min(dim=1).values
     lo = lo - (hi == lo).to(o.dtype) * 1e-6  # a tie would make argmax pick column 0 whatever the decision
     first = torch.where(fav, hi, lo) if favourable == 0 else torch.where(fav, lo, hi)
     second = torch.where(fav, lo, hi) if favourable == 0 else torch.where(fav, hi, lo)
-    return torch.stack([first, second], dim=1).view_as(out)
+    return torch.stack([first, second], dim=1)
 
 
 class RejectOption(nn.Module):
