@@ -475,10 +475,12 @@ def main() -> None:
         old = json.loads(Path(args.from_rows).read_text())
         command = old["command"]
         done = {tuple(j) for j in old["jobs_done"]} if "jobs_done" in old else {(r["task"].split("-")[0], r["seed"]) for r in old["rows"]}
+        wanted = {d for d in args.datasets.split(",") if d}
+        done = {j for j in done if j[0] in wanted}  # --datasets restricts the summary to those data sets
         names = {j[0] for j in done}
         # only seeds whose every data set finished: a half-done seed would weigh its tasks unevenly
         seeds = sorted({s for _, s in done if all((n, s) in done for n in names)})
-        rows = [r for r in old["rows"] if r["seed"] in seeds]
+        rows = [r for r in old["rows"] if r["seed"] in seeds and r["task"].split("-")[0] in names]
         command += f"  # interrupted; summarised with --from-rows over the complete seeds {','.join(map(str, seeds))}"
         print(f"summarising {len(rows)} rows of {args.from_rows} (complete seeds {seeds}; jobs done: {sorted(done)})", file=sys.stderr)
     elif args.jobs > 1:  # (data set, seed) runs are independent: one process each, one torch thread each
