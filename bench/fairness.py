@@ -399,16 +399,18 @@ def target_check(summary: dict, fmt: str = "fmt-dual") -> dict | None:
         peers[m] = {"loses_no_more_accuracy": comparable, "accuracy_points": s["accuracy_points"],
                     "fmt_beats_on": {f"{k}{'' if how == 'mean' else '_pooled'}": bool((f[k] if how == "mean" else f["pooled"][k]) < (s[k] if how == "mean" else s["pooled"][k]))
                                      for k in ("aaod", "abs_eod") for how in ("mean", "pooled")}}
-    met = all(all(p["fmt_beats_on"].values()) for p in peers.values() if p["loses_no_more_accuracy"])
+    comparable = [p for p in peers.values() if p["loses_no_more_accuracy"]]
+    met = all(all(p["fmt_beats_on"].values()) for p in comparable)
     return {"method": fmt, "accuracy_points": f["accuracy_points"], "accuracy_target_met": bool(f["accuracy_points"] >= -0.4),
-            "peers": peers, "beats_every_comparable_peer": bool(met)}
+            "peers": peers, "beats_every_comparable_peer": bool(met), "comparable_peers": len(comparable)}
 
 
 def print_target_check(tc: dict | None) -> None:
     if tc is None:
         return
     print(f"\ntargets for {tc['method']}: accuracy {tc['accuracy_points']:+.2f} pts (>= -0.4: {'met' if tc['accuracy_target_met'] else 'NOT met'}); "
-          f"AAOD and |EOD| reduced more than every peer losing no more accuracy: {'met' if tc['beats_every_comparable_peer'] else 'NOT met'}")
+          f"AAOD and |EOD| reduced more than every peer losing no more accuracy: {'met' if tc['beats_every_comparable_peer'] else 'NOT met'}"
+          + (" (vacuously: every peer loses more accuracy)" if not tc.get("comparable_peers") else ""))
     for m, p in tc["peers"].items():
         beats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in p["fmt_beats_on"].items())
         print(f"  {m:<24} {p['accuracy_points']:+.2f} pts ({'loses no more' if p['loses_no_more_accuracy'] else 'loses more: not a comparison'}); FMT better on: {beats}")
