@@ -31,6 +31,12 @@ BREAKS = [
   ("torchrun: gradients not all-reduced (each rank steps on its own slice)", "onnxrepair/distributed.py", "    dist.all_reduce(flat)\n", "    pass  # BREAK\n", "tests/test_distributed.py"),
   ("torchrun: batches not sharded (every rank trains on every row)", "onnxrepair/distributed.py", "        lo, hi = shard_range(len(batch))\n        return batch[lo:hi]\n", "        return batch  # BREAK\n", "tests/test_distributed.py"),
   ("fidelity check with TF32 left as the session has it", "onnxrepair/validate.py", "    with torch.no_grad(), _full_fp32():\n", "    with torch.no_grad():\n", "tests/test_validate_tf32.py"),
+  ("issue15 reject-option: the band ignored for the boosted group", "onnxrepair/methods/reject_option.py", "fav = (fav | (band & ((col - self.boosted).abs() < 1e-6)))", "fav = (fav | ((col - self.boosted).abs() < 1e-6))", "tests/test_fairness_postprocess.py"),
+  ("issue15 drop-attribute: the column zeroed instead of set to the privileged value", "onnxrepair/methods/drop_attribute.py", 'self.register_buffer("fill", (1.0 - keep) * float(value))', 'self.register_buffer("fill", (1.0 - keep) * 0.0)', "tests/test_fairness_postprocess.py"),
+  ("issue15 fmt --free-biases: biases outside the slice still restored", "onnxrepair/methods/fmt.py", "                    mask[n] = torch.ones_like(p, dtype=torch.bool)\n", "                    pass\n", "tests/test_fmt.py::test_fmt_artefact_options_free_biases_and_pairs_per_row tests/test_fmt.py::test_slice_counts_ceil_and_artefact"),
+  ("issue15 fmt --pairs-per-row ignored", "onnxrepair/methods/fmt.py", "len(x) if config.pairs_per_row else config.n_pairs", "config.n_pairs", "tests/test_fmt.py::test_fmt_artefact_options_free_biases_and_pairs_per_row"),
+  ("issue15 slice counts: artefact computed as the ceilings", "onnxrepair/localize/slices.py", "return min(w, int(top_ratio * w)), min(w, round(keep_ratio * w))", "return min(w, max(1, math.ceil(top_ratio * w))), min(w, max(1, math.ceil(keep_ratio * w)))", "tests/test_fmt.py::test_fmt_artefact_options_free_biases_and_pairs_per_row tests/test_fmt.py::test_slice_counts_ceil_and_artefact"),
+  ("issue15 aif360 min-max fitted on every row, test rows included", "onnxrepair/data/tabular.py", "ref = v if self.fit is None else v[self.fit]", "ref = v", "tests/test_tabular.py"),
 ]
 def copy():
     if DST.exists(): shutil.rmtree(DST)

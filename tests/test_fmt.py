@@ -236,3 +236,57 @@ def test_baselines_run(name):
     out = m.fn(_inputs(gm, tr, spec), m.config_cls(epochs=1))
     assert out.info["labels_used"] is True
     assert any(not torch.equal(p, q) for p, q in zip(out.model.parameters(), gm.parameters()))
+
+
+def test_slice_counts_ceil_and_artefact():
+    from onnxrepair.localize.slices import slice_counts
+
+    # the paper's MLP prefix widths 64-32-16-8
+    assert [slice_counts(w, 0.2, 0.1) for w in (64, 32, 16, 8)] == [(13, 7), (7, 4), (4, 2), (2, 1)]
+    assert [slice_counts(w, 0.2, 0.1, "artefact") for w in (64, 32, 16, 8)] == [(12, 6), (6, 3), (3, 2), (1, 1)]
+    assert slice_counts(4, 0.2, 0.1, "artefact") == (0, 0)  # int(0.8), round(0.4): a narrow layer gets nothing
+    assert slice_counts(5, 0.2, 0.1, "artefact") == (1, 0)  # round(0.5) = 0 (half to even)
+    assert slice_counts(4, 0.2, 0.1) == (1, 1)
+    with pytest.raises(ValueError):
+        slice_counts(8, 0.2, 0.1, "floor")
+    from onnxrepair.localize.slices import topk_frequent
+
+    delta = torch.arange(1, 81, dtype=torch.float32).reshape(5, 16)  # every row: the last columns move most
+    keep, marks = topk_frequent(delta, 0.2, 0.1, "artefact")  # 3 marked per row, 2 kept
+    assert marks.tolist() == [0] * 13 + [5, 5, 5] and keep.nonzero().flatten().tolist() == [13, 14]
+    keep, marks = topk_frequent(delta, 0.2, 0.1)  # ceil: 4 marked, 2 kept
+    assert marks.tolist() == [0] * 12 + [5] * 4 and int(keep.sum()) == 2
+    with pytest.raises(UsageError, match="slice-counts"):
+        ProtectedSensitivitySlicer(counts="round")
+
+
+def test_fmt_artefact_options_free_biases_and_pairs_per_row():
+    """free_biases: every prefix bias may move and is never restored, while weights outside the slice stay
+    bit-identical; without it, biases of neurons outside the slice stay too. pairs_per_row: one pair per training row."""
+    tr, _, spec, gm = _fixture()
+    m = get("fmt")
+    orig = dict(gm.named_parameters())
+    runs = {}
+    for free in (False, True):
+        out = m.fn(_inputs(gm, tr, spec), m.config_cls(epochs=2, n_pairs=600, batch_size=256, free_biases=free))
+        runs[free] = out
+        prefix_biases = [f"{lay}.bias" for lay in out.info["prefix_layers"]]
+        params = dict(out.model.named_parameters())
+        important = [lay["important"] for lay in out.info["slice"]["layers"]]
+        outside = {n: [i for i in range(orig[n].numel()) if i not in imp] for n, imp in zip(prefix_biases, important)}
+        moved_outside = {n: int((params[n][idx] != orig[n][idx]).sum()) for n, idx in outside.items()}
+        if free:  # biases of neurons outside the slice moved (dead ReLUs get no gradient and stay) and were not put back
+            assert out.info["slice"]["free_biases"] is True
+            assert moved_outside[prefix_biases[0]] == len(outside[prefix_biases[0]]), moved_outside  # the first layer: all alive
+            assert sum(moved_outside.values()) > 0.6 * sum(len(v) for v in outside.values())
+        else:  # only the biases of slice neurons can move
+            assert moved_outside == {n: 0 for n in prefix_biases}
+        for n, p in params.items():  # weight matrices: outside the slice never move in either case
+            if n.endswith(".weight"):
+                assert int((p != orig[n]).sum()) <= out.info["slice"]["tunable_weights"]
+        for n in out.info["suffix_parameters"]:
+            assert torch.equal(params[n], orig[n])
+    assert runs[True].info["slice"]["tunable_weights"] > runs[False].info["slice"]["tunable_weights"]
+    assert runs[False].info["targets"]["pairs"] == 600
+    rows = m.fn(_inputs(gm, tr, spec), m.config_cls(epochs=0, pairs_per_row=True, n_pairs=600))
+    assert rows.info["targets"]["pairs"] == len(tr) and rows.info["targets"]["samples"] == 2 * len(tr)

@@ -160,6 +160,16 @@ CASES: dict[str, Case] = {
         "adult_mlp", adult_sex, {"epochs": "1"}, (Claim("abs_spd", "lower", 0.08, relative=True),),
         measured="|SPD| 0.236 -> 0.199 (-15 %), AAOD -38 %, |EOD| -57 %, accuracy 0.826 -> 0.830",
     ),
+    "reject-option": Case(
+        # post-processing in a band around the threshold chosen on the calibration half (AAOD / |EOD| within 0.4 pts there)
+        "adult_mlp", adult_sex, {}, (Claim("aaod", "lower", 0.25, relative=True), Claim("abs_eod", "lower", 0.35, relative=True)),
+        measured="band |p - 0.45| <= 0.05: |SPD| 0.236 -> 0.194, AAOD 0.155 -> 0.081 (-48 %), |EOD| 0.158 -> 0.040 (-75 %), accuracy 0.826 -> 0.822",
+    ),
+    "drop-attribute": Case(
+        # the protected input set to the privileged value: no pair prediction can differ, group gaps shrink by what the attribute carried
+        "adult_mlp", adult_sex, {}, (Claim("idr", "lower", 0.9, relative=True), Claim("abs_spd", "lower", 0.15, relative=True)),
+        measured="IDR 0.101 -> 0.000, |SPD| 0.236 -> 0.167 (-29 %), AAOD -19 %, |EOD| -13 %, accuracy 0.826 -> 0.826",
+    ),
     "counterfactual-finetune": Case(
         # trained to give both members of a counterfactual pair the same answer: individual discrimination
         "adult_mlp", adult_sex, {"epochs": "1"}, (Claim("idr", "lower", 0.15, relative=True),),

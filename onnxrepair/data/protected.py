@@ -92,3 +92,13 @@ def require_protected_labels(protected: ProtectedSpec | None, train, method: str
     if train.y is None:
         raise UsageError(f"{method} fine-tunes with labels: the training data needs a --target column")
     return protected
+
+
+def require_tabular_protected(protected: ProtectedSpec | None, train, method: str) -> ProtectedSpec:
+    """The protected spec of a method that edits a tabular model around its protected input column; a one-line error
+    when there is none or the data are not (N, F) rows."""
+    if protected is None:
+        raise UsageError(f"{method} needs a protected attribute (--protected COLUMN)")
+    if train.x.ndim != 2:
+        raise UsageError(f"{method} edits tabular models: the data must be (N, F) feature rows")
+    return protected

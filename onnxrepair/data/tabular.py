@@ -20,6 +20,23 @@ Encoding recipe (``encode_adult`` / ``encode_german`` / ``encode_compas``), the 
   COMPAS ``no_recid`` 1 = did *not* reoffend within two years (``1 - two_year_recid``);
 * rows with missing values (``?`` in Adult) are dropped; COMPAS uses ProPublica's filter
   (|days_b_screening_arrest| <= 30, is_recid != -1, c_charge_degree != 'O', score_text != 'N/A').
+
+``scheme="aif360"`` is the encoding of AIF360's standard data sets, which the FMT authors' artefact trains on
+(``bench/fairness.py --protocol paper``), with Bank Marketing as a fourth data set:
+
+* every value of every categorical column one-hot (``col=value``, values sorted; Adult 98 features, German 58,
+  COMPAS 401, Bank 57 on the full file — the 10 % sample here has the same 57), the columns AIF360 keeps
+  (Adult keeps ``education``; COMPAS adds ``age_cat`` and ``c_charge_desc``; rows with a missing value dropped,
+  Bank's ``unknown`` included);
+* continuous columns min-max scaled with the minimum and maximum of the *training rows* only
+  (``fit_rows``: their indices, or a function of the row count giving them, e.g. :func:`paper_split`), so test
+  rows may fall outside [0, 1]; no log1p;
+* AIF360's protected values, 1 = privileged: Adult ``sex`` male, ``race`` white; German ``sex`` male, ``age``
+  older than 25; COMPAS ``sex`` *female*, ``race`` Caucasian; Bank ``age`` 25 or older (AIF360's
+  ``BankDataset``; in the 10 % sample 78 of 3,090 complete rows are younger);
+* labels as the artefact uses them: Adult, German and Bank favourable = 1 as above; COMPAS ``reoffend`` =
+  ``two_year_recid`` (the artefact flips AIF360's COMPAS label, so *reoffending* is class 1 and the metrics'
+  "favourable" class; its |EOD| is then the |ΔFPR| of the no-recidivism label).
 """
 
 from __future__ import annotations
@@ -30,7 +47,7 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
@@ -319,15 +336,44 @@ def check_fits_model(dataset: ArrayDataset, n_features: int | None, n_outputs: i
 
 
 # --------------------------------------------------------------------------- encoding
-class _Encoder:
-    """Accumulates encoded columns in order, then writes them with the label last."""
+def paper_split(n: int, test_size: float = 0.3, seed: int = 2022) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) row indices as scikit-learn's ``train_test_split(test_size=..., random_state=seed)`` draws them
+    (unstratified, shuffled): ``RandomState(seed).permutation(n)``, the first ``ceil(test_size·n)`` are the test rows."""
+    if not 0 < test_size < 1 or n < 2:
+        raise UsageError(f"cannot split {n} rows with test size {test_size}")
+    perm = np.random.RandomState(seed).permutation(n)
+    n_test = math.ceil(test_size * n)
+    return perm[n_test:], perm[:n_test]
 
-    def __init__(self, categorical: str = "onehot") -> None:
+
+class _Encoder:
+    """Accumulates encoded columns in order, then writes them with the label last.
+
+    ``fit``: row indices the min-max scaling is fitted on (default all rows)."""
+
+    def __init__(self, categorical: str = "onehot", fit: np.ndarray | None = None) -> None:
         if categorical not in ("onehot", "ordinal"):
             raise UsageError(f"categorical encoding must be onehot or ordinal, not {categorical!r}")
         self.categorical = categorical
+        self.fit = fit
         self.cols: list[tuple[str, np.ndarray]] = []
         self.recipe: list[str] = []
+
+    def minmax(self, name: str, values: np.ndarray) -> None:
+        """(v − min) / (max − min) with min and max over the fit rows only."""
+        v = values.astype(np.float64)
+        ref = v if self.fit is None else v[self.fit]
+        lo, hi = float(ref.min()), float(ref.max())
+        self.cols.append((name, (v - lo) / (hi - lo if hi > lo else 1.0)))
+        self.recipe.append(f"{name}: min-max on {'all' if self.fit is None else len(ref)} rows (min {lo:.4g}, max {hi:.4g})")
+
+    def onehot_all(self, name: str, values: Sequence[str]) -> None:
+        """One column per value that occurs (sorted), as AIF360's ``pd.get_dummies``."""
+        arr = np.asarray(values, dtype=object)
+        vals = sorted(set(values))
+        for v in vals:
+            self.cols.append((f"{name}={v}", (arr == v).astype(np.float64)))
+        self.recipe.append(f"{name}: one-hot over all {len(vals)} values")
 
     def binary(self, name: str, values: np.ndarray, doc: str) -> None:
         self.cols.append((name, values.astype(np.float64)))
@@ -404,11 +450,40 @@ def read_adult(raw_dir: str | os.PathLike, include_test: bool = True) -> list[di
     return out
 
 
+FitRows = Union[np.ndarray, Callable[[int], np.ndarray], None]  # indices, or a function of the row count
+
+
+def _fit_rows(fit_rows, n: int) -> np.ndarray | None:
+    """The training-row indices the scaling is fitted on: given, or computed from the row count."""
+    if fit_rows is None:
+        return None
+    idx = np.asarray(fit_rows(n) if callable(fit_rows) else fit_rows, dtype=np.int64)
+    if not len(idx) or idx.min() < 0 or idx.max() >= n:
+        raise UsageError(f"fit rows must be indices among the {n} encoded rows")
+    return idx
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in ("compact", "aif360"):
+        raise UsageError(f"encoding scheme must be compact or aif360, not {scheme!r}")
+
+
 def encode_adult(raw_dir: str | os.PathLike, out: str | os.PathLike, *, include_test: bool = True, rows: np.ndarray | None = None,
-                 categorical: str = "onehot") -> list[str]:
+                 categorical: str = "onehot", scheme: str = "compact", fit_rows: FitRows = None) -> list[str]:
     """Encode UCI Adult to a numeric CSV (label ``income``); returns the recipe lines."""
+    _check_scheme(scheme)
     r = read_adult(raw_dir, include_test)
     g = lambda k: [row[k] for row in r]  # noqa: E731
+    if scheme == "aif360":
+        e = _Encoder(fit=_fit_rows(fit_rows, len(r)))
+        for c in ("age", "education-num", "capital-gain", "capital-loss", "hours-per-week"):
+            e.minmax(c, np.array(g(c), dtype=float))
+        e.binary("race", np.array([v == "White" for v in g("race")]), "1 = White (privileged), 0 = other races")
+        e.binary("sex", np.array([v == "Male" for v in g("sex")]), "1 = Male (privileged), 0 = Female")
+        for c in ("workclass", "education", "marital-status", "occupation", "relationship", "native-country"):
+            e.onehot_all(c, g(c))
+        e.write(out, "income", np.array([v == ">50K" for v in g("income")]), rows)
+        return e.recipe + ["income: 1 = >50K (favourable), 0 = <=50K", "dropped: fnlwgt (AIF360's AdultDataset)"]
     e = _Encoder(categorical)
     for c in ("age", "education-num", "hours-per-week"):
         e.continuous(c, np.array(g(c), dtype=float))
@@ -433,13 +508,26 @@ GERMAN_COLS = [
 ]
 
 
-def encode_german(raw_dir: str | os.PathLike, out: str | os.PathLike, *, rows: np.ndarray | None = None, categorical: str = "onehot") -> list[str]:
+def encode_german(raw_dir: str | os.PathLike, out: str | os.PathLike, *, rows: np.ndarray | None = None, categorical: str = "onehot",
+                  scheme: str = "compact", fit_rows: FitRows = None) -> list[str]:
     """Encode Statlog German credit to a numeric CSV (label ``credit``); returns the recipe lines."""
+    _check_scheme(scheme)
     fp = Path(raw_dir) / "german.data"
     if not fp.exists():
         raise UsageError(f"{fp}: no such file (expected the raw UCI german.data)")
     r = [dict(zip(GERMAN_COLS, line.split())) for line in open(fp) if line.strip()]
     g = lambda k: [row[k] for row in r]  # noqa: E731
+    if scheme == "aif360":
+        e = _Encoder(fit=_fit_rows(fit_rows, len(r)))
+        for c in ("duration", "credit_amount", "installment_rate", "residence_since", "existing_credits", "people_liable"):
+            e.minmax(c, np.array(g(c), dtype=float))
+        e.binary("sex", np.array([v in ("A91", "A93", "A94") for v in g("personal_status")]), "1 = male (A91/A93/A94, privileged), 0 = female")
+        e.binary("age", np.array(g("age"), dtype=float) > 25, "1 = older than 25 (privileged), 0 = 25 or younger")
+        for c in ("checking", "credit_history", "purpose", "savings", "employment", "other_debtors", "property",
+                  "other_installment", "housing", "job", "telephone", "foreign_worker"):
+            e.onehot_all(c, g(c))
+        e.write(out, "credit", np.array([v == "1" for v in g("credit")]), rows)
+        return e.recipe + ["credit: 1 = good (favourable), 0 = bad", "dropped: personal_status (sex taken from it)"]
     e = _Encoder(categorical)
     for c in ("duration", "installment_rate", "residence_since", "existing_credits", "people_liable"):
         e.continuous(c, np.array(g(c), dtype=float))
@@ -457,8 +545,10 @@ def encode_german(raw_dir: str | os.PathLike, out: str | os.PathLike, *, rows: n
     return e.recipe + ["credit: 1 = good (favourable), 0 = bad"]
 
 
-def encode_compas(raw_dir: str | os.PathLike, out: str | os.PathLike, *, rows: np.ndarray | None = None, categorical: str = "onehot") -> list[str]:
-    """Encode ProPublica COMPAS two-year recidivism to a numeric CSV (label ``no_recid``)."""
+def encode_compas(raw_dir: str | os.PathLike, out: str | os.PathLike, *, rows: np.ndarray | None = None, categorical: str = "onehot",
+                  scheme: str = "compact", fit_rows: FitRows = None) -> list[str]:
+    """Encode ProPublica COMPAS two-year recidivism to a numeric CSV (label ``no_recid``; ``reoffend`` under ``aif360``)."""
+    _check_scheme(scheme)
     fp = Path(raw_dir) / "compas-scores-two-years.csv"
     if not fp.exists():
         raise UsageError(f"{fp}: no such file (expected ProPublica's compas-scores-two-years.csv)")
@@ -477,8 +567,23 @@ def encode_compas(raw_dir: str | os.PathLike, out: str | os.PathLike, *, rows: n
                 continue
             if abs(days) > 30 or d["is_recid"] == "-1" or d["c_charge_degree"] == "O" or d["score_text"] == "N/A":
                 continue
+            if scheme == "aif360" and not d["c_charge_desc"]:
+                continue  # AIF360 drops rows with a missing value among the columns it keeps
             r.append(d)
     g = lambda k: [row[k] for row in r]  # noqa: E731
+    if scheme == "aif360":
+        e = _Encoder(fit=_fit_rows(fit_rows, len(r)))
+        for c in ("age", "juv_fel_count", "juv_misd_count", "juv_other_count", "priors_count"):
+            e.minmax(c, np.array(g(c), dtype=float))
+        e.binary("sex", np.array([v == "Female" for v in g("sex")]), "1 = Female (AIF360's privileged value), 0 = Male")
+        e.binary("race", np.array([v == "Caucasian" for v in g("race")]), "1 = Caucasian (privileged), 0 = other races")
+        for c in ("age_cat", "c_charge_degree", "c_charge_desc"):
+            e.onehot_all(c, g(c))
+        e.write(out, "reoffend", np.array([v == "1" for v in g("two_year_recid")]), rows)
+        return e.recipe + ["reoffend: 1 = reoffended within two years (= two_year_recid; the FMT artefact's flip of AIF360's label, "
+                           "so class 1 is the metrics' favourable class)",
+                           "ProPublica filter as AIF360: |days_b_screening_arrest| <= 30, is_recid != -1, c_charge_degree != O, score_text != N/A; "
+                           "rows without c_charge_desc dropped"]
     e = _Encoder(categorical)  # COMPAS has no categorical beyond binary ones: the same either way
     e.continuous("age", np.array(g("age"), dtype=float))
     for c in ("priors_count", "juv_fel_count", "juv_misd_count", "juv_other_count"):
@@ -493,6 +598,53 @@ def encode_compas(raw_dir: str | os.PathLike, out: str | os.PathLike, *, rows: n
                        "decile_score and other COMPAS outputs are not features"]
 
 
-ENCODERS = {"adult": encode_adult, "german": encode_german, "compas": encode_compas}
-TARGETS = {"adult": "income", "german": "credit", "compas": "no_recid"}
-PROTECTED = {"adult": ("sex", "race"), "german": ("age", "sex"), "compas": ("race", "sex")}
+BANK_NUMERIC = ("duration", "campaign", "pdays", "previous", "emp.var.rate", "cons.price.idx", "cons.conf.idx", "euribor3m", "nr.employed")
+BANK_CATEGORICAL = ("job", "marital", "education", "default", "housing", "loan", "contact", "month", "day_of_week", "poutcome")
+
+
+def encode_bank(raw_dir: str | os.PathLike, out: str | os.PathLike, *, rows: np.ndarray | None = None, categorical: str = "onehot",
+                scheme: str = "compact", fit_rows: FitRows = None) -> list[str]:
+    """Encode UCI Bank Marketing (``bank-additional.csv``, the 10 % sample; ``bank-additional-full.csv`` when present)
+    to a numeric CSV (label ``y``, 1 = subscribed). Protected ``age``: 1 = 25 or older (AIF360's ``BankDataset``
+    cut). ``compact``: continuous standardised, categoricals top-k one-hot with ``unknown`` a value like any other;
+    ``aif360``: rows holding ``unknown`` dropped, every value one-hot, continuous min-max on the fit rows."""
+    _check_scheme(scheme)
+    d = Path(raw_dir)
+    fp = d / "bank-additional-full.csv" if (d / "bank-additional-full.csv").exists() else d / "bank-additional.csv"
+    if not fp.exists():
+        raise UsageError(f"{fp}: no such file (expected UCI's bank-additional.csv)")
+    with open(fp, newline="") as f:
+        r = list(csv.DictReader(f, delimiter=";"))
+    dropped = 0
+    if scheme == "aif360":
+        n0 = len(r)
+        r = [row for row in r if "unknown" not in row.values()]
+        dropped = n0 - len(r)
+    g = lambda k: [row[k] for row in r]  # noqa: E731
+    age = np.array(g("age"), dtype=float) >= 25
+    y = np.array([v == "yes" for v in g("y")])
+    if scheme == "aif360":
+        e = _Encoder(fit=_fit_rows(fit_rows, len(r)))
+        e.binary("age", age, "1 = 25 or older (privileged), 0 = younger")
+        for c in BANK_NUMERIC:
+            e.minmax(c, np.array(g(c), dtype=float))
+        for c in BANK_CATEGORICAL:
+            e.onehot_all(c, g(c))
+        e.write(out, "y", y, rows)
+        return e.recipe + ["y: 1 = subscribed a term deposit (favourable)", f"{dropped} rows holding 'unknown' dropped (AIF360's na_values)",
+                           f"read {fp.name}"]
+    e = _Encoder(categorical)
+    e.binary("age", age, "1 = 25 or older (privileged), 0 = younger")
+    for c in BANK_NUMERIC:
+        e.continuous(c, np.array(g(c), dtype=float), log1p=c in ("duration", "campaign", "previous"))
+    for c, k in (("job", 6), ("marital", 3), ("education", 5), ("default", 2), ("housing", 2), ("loan", 2), ("contact", 2),
+                 ("month", 6), ("day_of_week", 5), ("poutcome", 3)):
+        e.categorical_column(c, g(c), k)
+    e.write(out, "y", y, rows)
+    return e.recipe + ["y: 1 = subscribed a term deposit (favourable)", f"read {fp.name}"]
+
+
+ENCODERS = {"adult": encode_adult, "german": encode_german, "compas": encode_compas, "bank": encode_bank}
+TARGETS = {"adult": "income", "german": "credit", "compas": "no_recid", "bank": "y"}
+PROTECTED = {"adult": ("sex", "race"), "german": ("age", "sex"), "compas": ("race", "sex"), "bank": ("age",)}
+TARGETS_AIF360 = {**TARGETS, "compas": "reoffend"}  # the artefact's COMPAS label (reoffending = class 1)

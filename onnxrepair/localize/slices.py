@@ -41,25 +41,39 @@ def neuron_mask(split: "Split", important: list[torch.Tensor]) -> SliceMask:
     return mask
 
 
-def topk_frequent(delta: torch.Tensor, top_ratio: float, keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row mark the ``ceil(top_ratio·W)`` largest entries of ``delta`` (N, W); keep the
-    ``ceil(keep_ratio·W)`` most frequently marked columns. Returns (bool keep mask (W,), counts (W,)).
+def slice_counts(w: int, top_ratio: float, keep_ratio: float, counts: str = "ceil") -> tuple[int, int]:
+    """(neurons marked per row, neurons kept) for a layer of ``w`` neurons.
+
+    ``"ceil"`` (the default): ``ceil(top_ratio·W)`` and ``ceil(keep_ratio·W)``, at least one each, so every
+    layer of the prefix has a neuron in the slice. ``"artefact"``: what the FMT authors' code computes,
+    ``int(top_ratio·W)`` marked and ``round(keep_ratio·W)`` kept (Python's rounding, half to even), which
+    marks or keeps nothing in narrow layers (W = 4: 0 marked; W = 5: ``round(0.5)`` = 0 kept)."""
+    if counts == "ceil":
+        return min(w, max(1, math.ceil(top_ratio * w))), min(w, max(1, math.ceil(keep_ratio * w)))
+    if counts == "artefact":
+        return min(w, int(top_ratio * w)), min(w, round(keep_ratio * w))
+    raise ValueError(f"slice counts must be ceil or artefact, not {counts!r}")
+
+
+def topk_frequent(delta: torch.Tensor, top_ratio: float, keep_ratio: float, counts: str = "ceil") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row mark the ``k`` largest entries of ``delta`` (N, W); keep the ``keep`` most frequently marked
+    columns, (k, keep) from :func:`slice_counts` (default ``ceil(top_ratio·W)``, ``ceil(keep_ratio·W)``).
+    Returns (bool keep mask (W,), counts (W,)).
 
     Only entries with ``delta > 0`` can be marked: a neuron that did not move for a row is not among
     that row's most sensitive ones, even when fewer than ``k`` neurons moved (dead ReLUs, rows the
     attribute does not reach). Otherwise ``topk`` would fill the quota with zero ties by index and
     the frequency ranking would favour low-index neurons."""
     n, w = delta.shape
-    k = min(w, max(1, math.ceil(top_ratio * w)))
-    keep = min(w, max(1, math.ceil(keep_ratio * w)))
+    k, keep = slice_counts(w, top_ratio, keep_ratio, counts)
     top = delta.topk(k, dim=1)
     idx = top.indices[top.values > 0]
-    counts = torch.bincount(idx.reshape(-1).cpu(), minlength=w)
+    marks = torch.bincount(idx.reshape(-1).cpu(), minlength=w)
     # stable order: most frequent first, lower index first on ties (reproducible)
-    order = np.lexsort((np.arange(w), -counts.numpy()))[:keep]
+    order = np.lexsort((np.arange(w), -marks.numpy()))[:keep]
     out = torch.zeros(w, dtype=torch.bool)
-    out[torch.as_tensor(order)] = True
-    return out, counts
+    out[torch.as_tensor(order, dtype=torch.long)] = True
+    return out, marks
 
 
 # --------------------------------------------------------------------------- NNSlicer-style synapse slice (DARE)

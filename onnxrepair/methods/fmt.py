@@ -15,6 +15,11 @@ post-training framework in :mod:`onnxrepair.transform`).
 * **Tuning**: MSE, Adam, 50 epochs, weights outside the slice restored after each epoch
   (``restore="epoch"``, the paper and the default) or after every step (``restore="step"``: they
   never move at all).
+* **The authors' artefact** differs from the paper's text in three ways, each an opt-in here (measured in
+  ``bench/fairness.py``; none became the default, see the README): ``free_biases`` — every bias of the
+  prefix is tunable and never restored; ``pairs_per_row`` — one counterfactual pair per training row instead
+  of ``n_pairs``; ``slice_counts="artefact"`` — ``int(0.2·W)`` neurons marked per row and ``round(W/10)``
+  kept per layer instead of the ceilings (:func:`onnxrepair.localize.slices.slice_counts`).
 * **Epoch selection** (:class:`FairnessSelector`, not in the paper, opt-in with ``select="fairness"``;
   the default ``select="last"`` keeps the last epoch as the paper does): before tuning and after
   each epoch the classifier is scored on labelled selection rows (the pipeline's calibration split,
@@ -101,11 +106,15 @@ class ProtectedSensitivitySlicer:
 
     name = "fmt-protected-sensitivity"
 
-    def __init__(self, top_ratio: float = 0.2, keep_ratio: float = 0.1, max_rows: int = 0) -> None:
+    def __init__(self, top_ratio: float = 0.2, keep_ratio: float = 0.1, max_rows: int = 0, counts: str = "ceil",
+                 free_biases: bool = False) -> None:
         for nm, v in (("top-ratio", top_ratio), ("keep-ratio", keep_ratio)):
             if not 0 < v <= 1:
                 raise UsageError(f"--{nm} must be in (0, 1], got {v}")
+        if counts not in ("ceil", "artefact"):
+            raise UsageError(f"--slice-counts must be ceil or artefact, not {counts!r}")
         self.top_ratio, self.keep_ratio, self.max_rows = top_ratio, keep_ratio, max_rows
+        self.counts, self.free_biases = counts, free_biases
 
     def important(self, ctx: TransformContext) -> tuple[list[torch.Tensor], dict[str, Any]]:
         x = ctx.x_train
@@ -123,7 +132,7 @@ class ProtectedSensitivitySlicer:
         important, info = [], {"layers": []}
         for lay in ctx.split.layers:
             delta = (a[lay.node] - b[lay.node]).abs().reshape(len(orig), -1)
-            keep, counts = topk_frequent(delta, self.top_ratio, self.keep_ratio)
+            keep, counts = topk_frequent(delta, self.top_ratio, self.keep_ratio, self.counts)
             important.append(keep)
             info["layers"].append({"linear": lay.linear, "neurons": lay.width,
                                    "important": [int(i) for i in keep.nonzero().flatten().tolist()],
@@ -133,7 +142,13 @@ class ProtectedSensitivitySlicer:
 
     def mask(self, ctx: TransformContext):
         important, info = self.important(ctx)
-        return neuron_mask(ctx.split, important), info
+        mask = neuron_mask(ctx.split, important)
+        if self.free_biases:  # the artefact: every prefix bias trains and is never put back
+            for n, p in ctx.split.prefix.named_parameters():
+                if n.endswith(".bias"):
+                    mask[n] = torch.ones_like(p, dtype=torch.bool)
+            info["free_biases"] = True
+        return mask, info
 
 
 def _labels(out: torch.Tensor, kind: str) -> torch.Tensor:
@@ -199,8 +214,11 @@ class FMTConfig:
     lr: float = 1e-3
     batch_size: int = 128
     n_pairs: int = 5000  # counterfactual pairs sampled from the training marginals
+    pairs_per_row: bool = False  # the artefact: one pair per training row (overrides n_pairs)
     top_ratio: float = 0.2  # per sample, share of neurons per layer marked as sensitive
     keep_ratio: float = 0.1  # per layer, share of neurons kept (most frequently marked)
+    slice_counts: str = "ceil"  # ceil: ceil(ratio·W), at least 1 | artefact: int(top_ratio·W) marked, round(keep_ratio·W) kept
+    free_biases: bool = False  # the artefact: every prefix bias tunable and never restored
     restore: str = "epoch"  # when weights outside the slice are put back: epoch (the paper) | step (they never move)
     select: str = "last"  # last (the paper) | fairness: best epoch on labelled selection rows within the budget
     select_max_drop: float = 0.4  # accuracy points an epoch may lose on the selection rows and still be chosen
@@ -231,8 +249,8 @@ def fmt(inputs: RepairInputs, config: FMTConfig) -> MethodOutput:
     res = run_transform(
         inputs.model,
         cut=config.cut_layer or None,
-        targets=CounterfactualTargets(config.n_pairs, config.mode, groups),
-        slicer=ProtectedSensitivitySlicer(config.top_ratio, config.keep_ratio, config.slice_rows),
+        targets=CounterfactualTargets(len(x) if config.pairs_per_row else config.n_pairs, config.mode, groups),
+        slicer=ProtectedSensitivitySlicer(config.top_ratio, config.keep_ratio, config.slice_rows, config.slice_counts, config.free_biases),
         tuning=TuningConfig(config.epochs, config.lr, config.batch_size, config.restore),
         x_train=x,
         device=inputs.device,
