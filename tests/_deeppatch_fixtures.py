@@ -61,3 +61,15 @@ def to_onnx_and_back(model: nn.Module, path, shape=(1, 1, 12, 12)):
     res = export_graph(model.eval(), [torch.rand(*shape)], ["input"], ["logits"], exporter="legacy")
     onnx.save(res.model, str(path))
     return to_torch(load_model(path))
+
+
+CONTRACT = InputContract(scale=255.0)
+
+
+def run_deeppatch(gm, train, calib, **cfg):
+    """DeepPatch on ``gm`` through its registry entry, as the pipeline calls it (CPU, seed 0, logits)."""
+    from onnxrepair.methods import RepairInputs, get
+
+    spec = get("deeppatch")
+    inputs = RepairInputs(model=gm, contract=CONTRACT, train=train, calib=calib, output_kind="logits", device=torch.device("cpu"), seed=0)
+    return spec.fn(inputs, spec.config_cls(**cfg))

@@ -10,22 +10,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from _deeppatch_fixtures import TinyCNN, synthetic, to_onnx_and_back, train_tiny
+from _deeppatch_fixtures import CONTRACT, TinyCNN, run_deeppatch, synthetic, to_onnx_and_back, train_tiny
 from converters.export import export_graph
-from onnxrepair.data.contract import InputContract
 from onnxrepair.errors import UsageError
 from onnxrepair.graph.patching import PerSampleSwitch, folded_model, get_gate, insert_patches, set_routing
-from onnxrepair.methods import RepairInputs, get
 from onnxrepair.perturb.blur import gaussian_blur
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-CONTRACT = InputContract(scale=255.0)
-
-
-def _run(gm, train, calib, **cfg):
-    spec = get("deeppatch")
-    inputs = RepairInputs(model=gm, contract=CONTRACT, train=train, calib=calib, output_kind="logits", device=torch.device("cpu"), seed=0)
-    return spec.fn(inputs, spec.config_cls(**cfg))
+_run = run_deeppatch
 
 
 @pytest.fixture(scope="module")
