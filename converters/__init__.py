@@ -10,6 +10,6 @@ Importing this package loads onnx and numpy only; torch and onnx2torch load when
 """
 
 from .errors import ConverterError, ConverterUsageError, ModelError, UnsupportedOpsError  # noqa: F401
-from .load import LoadedModel, OpKey, TensorSpec, load_model, read  # noqa: F401
+from .load import LoadedModel, OpKey, TensorSpec, load_model, read, weight_count  # noqa: F401
 from .convert import ConvertedModel, OnnxTail, convert, export_like  # noqa: F401,E402
 from .io import save_model_atomic  # noqa: F401

@@ -126,6 +126,36 @@ def _iter_nodes(graph: onnx.GraphProto):
                     yield from _iter_nodes(g)
 
 
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def weight_count(model: onnx.ModelProto) -> int:
+    """Elements of the stored weights: initializers and Constant tensors, in the main graph and in every subgraph
+    (an ``If`` branch's weights count as the file holds them; a tensor shared by name is counted once)."""
+    seen: set[str] = set()
+    total = 0
+    for g in _graphs(model.graph):
+        tensors = [(t.name, t) for t in g.initializer]
+        tensors += [(n.output[0], a.t) for n in g.node if n.op_type == "Constant" for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+        for name, t in tensors:
+            if name in seen:
+                continue
+            seen.add(name)
+            n = 1
+            for d in t.dims:
+                n *= int(d)
+            total += n
+    return total
+
+
 def inventory(model: onnx.ModelProto) -> list[OpKey]:
     return [k for k, _ in _inventory_nodes(model)]
 

@@ -310,6 +310,7 @@ def judge(
     original and repaired *files* on the held-out split on onnxruntime, apply the retention contract, and rename
     the file into place only when both hold (or ``force`` overrides retention). The report is written either way."""
     from converters.io import write_model
+    from converters import weight_count
 
     from .doctor import environment
 
@@ -363,6 +364,7 @@ def judge(
             environment=environment(dev, fidelity["reference_provider"]),
             export={"exporter": exported.exporter, "opset": exported.opset, "source_opset": prep.converted.loaded.opset,
                     "nodes": exported.nodes, "simplified_with": exported.simplified_with,
+                    "weights": {"original": weight_count(prep.converted.loaded.model), "repaired": weight_count(exported.model)},
                     "conversion_passes": [str(p) for p in prep.converted.passes],
                     "notes": list(prep.converted.notes) + list(exported.notes)},
             memory=prep.memory.report() if prep.memory is not None else {},

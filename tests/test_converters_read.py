@@ -165,3 +165,21 @@ def test_atomic_writer_keeps_the_external_data_branch(tmp_path, monkeypatch):
     b = {t.name: numpy_helper.to_array(t) for t in fresh.graph.initializer}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_weight_count_includes_subgraphs_and_constants_once():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converters import weight_count
+
+    w = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")  # 12, in the main graph
+    branch_w = numpy_helper.from_array(np.ones(5, np.float32), "bw")  # 5, inside the then-branch
+    shared = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")  # the main graph's name again: counted once
+    then_g = helper.make_graph([helper.make_node("Identity", ["bw"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [5])], [branch_w, shared])
+    else_g = helper.make_graph([helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(np.zeros(7, np.float32)))],
+                               "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [7])])  # 7, a Constant
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
+                          [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    assert weight_count(helper.make_model(g)) == 12 + 5 + 7

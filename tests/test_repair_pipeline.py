@@ -190,3 +190,14 @@ def test_fairness_method_on_an_image_model_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "repairs tabular models" in err[0] and "deeppatch" in err[0], err
     assert not list(tmp_path.iterdir())
+
+
+def test_report_counts_the_weights_each_file_stores(tmp_path):
+    out, rep = tmp_path / "same.onnx", tmp_path / "r.json"
+    assert main(["repair", str(ADULT), "--method", "test-identity", "--data", str(TRAIN), "--target", "income", "-o", str(out),
+                 "--report", str(rep), "--quiet", "--provider", "cpu"]) == 0
+    w = json.loads(rep.read_text())["export"]["weights"]
+    stored = sum(int(np.prod(t.dims)) for t in onnx.load(str(ADULT)).graph.initializer)
+    assert w["original"] == stored > 0
+    assert w["repaired"] == sum(int(np.prod(t.dims)) for t in onnx.load(str(out)).graph.initializer)
+    assert w["repaired"] == w["original"]  # same weights, nothing added

@@ -155,6 +155,9 @@ def print_repair_result(res) -> None:
     if ex:
         console.print(f"exported at opset {ex.get('opset')} (source {ex.get('source_opset')}); nodes {ex['nodes']['exported']} -> "
                       f"{ex['nodes']['simplified']} after {ex.get('simplified_with') or 'no optimizer'}")
+        w = ex.get("weights")
+        if w:
+            console.print(f"weights stored in the file: {w['original']:,} -> {w['repaired']:,} ({w['repaired'] - w['original']:+,})")
     if res.memory:
         console.print(memory_line(res.memory))
     if res.latency_ms:

@@ -497,6 +497,6 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
     gate_txt = "no gate: every input takes the patch" if cfg.gate == "none" else f"{cfg.gate} gate, calibration AUC {gate_info['auc'][cfg.gate]:.3f}"
     summary = [
         f"routed to the patch (calibration data): clean {100 * routing['clean']:.1f}%, perturbed {100 * routing['perturbed_mean']:.1f}% ({gate_txt})",
-        f"layers patched: {len(layers)}, skipped: {len(skipped)}, parameters added: {int(params_added):,}; best epoch {result.best_epoch} of {cfg.epochs}",
+        f"layers patched: {len(layers)}, skipped: {len(skipped)}, patch parameters trained: {int(params_added):,}; best epoch {result.best_epoch} of {cfg.epochs}",
     ]
     return MethodOutput(model=gm.eval(), info=info, summary=summary)
