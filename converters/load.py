@@ -115,26 +115,27 @@ def resolve_version(domain: str, op_type: str, opset: int) -> int:
         return int(opset)
 
 
+def _subgraphs(node: onnx.NodeProto):
+    """The graphs a node holds in its attributes (an If's branches, a Loop's or Scan's body)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
 def _iter_nodes(graph: onnx.GraphProto):
     for node in graph.node:
         yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_nodes(g)
+        for g in _subgraphs(node):
+            yield from _iter_nodes(g)
 
 
 def _graphs(graph: onnx.GraphProto):
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
+        for g in _subgraphs(node):
+            yield from _graphs(g)
 
 
 def weight_count(model: onnx.ModelProto) -> int:
@@ -180,15 +181,13 @@ def topological_sort(graph: onnx.GraphProto, outer: set[str] | frozenset = froze
     produced_by: dict[str, int] = {o: i for i, n in enumerate(nodes) for o in n.output}
     moved = 0
     for n in nodes:  # subgraphs first: their outer scope is everything this graph can see
-        for a in n.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
-                moved += topological_sort(g, known | set(produced_by))
+        for g in _subgraphs(n):
+            moved += topological_sort(g, known | set(produced_by))
 
     def needs(n: onnx.NodeProto) -> set[str]:
         names = {x for x in n.input}
-        for a in n.attribute:  # a subgraph's reads from this scope are inputs too
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
-                names |= {x for sub in _iter_nodes(g) for x in sub.input}
+        for g in _subgraphs(n):  # a subgraph's reads from this scope are inputs too
+            names |= {x for sub in _iter_nodes(g) for x in sub.input}
         return {x for x in names if x in produced_by}
 
     deps = [needs(n) for n in nodes]
