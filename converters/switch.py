@@ -51,6 +51,16 @@ class _Namer:
         return f"switch/{base}_{self.n}"
 
 
+def _gather_rows(m: list[onnx.NodeProto], names, rows: str, label: str, new) -> list[str]:
+    """Append to ``m`` a Gather of the batch rows ``rows`` from each tensor in ``names``; the new tensors' names."""
+    out = []
+    for name in names:
+        sel = new(label)
+        m.append(helper.make_node("Gather", [name, rows], [sel], axis=0))
+        out.append(sel)
+    return out
+
+
 def _instance(piece: onnx.GraphProto, tag: str, inputs: dict[str, str], shared: dict[str, str]) -> tuple[list[onnx.NodeProto], list[str]]:
     """``piece``'s nodes with every value renamed into ``tag`` (graph inputs mapped by ``inputs``, initializers by
     ``shared``); returns (nodes, names of the piece's outputs)."""
@@ -156,16 +166,8 @@ def compose(head: onnx.ModelProto, first: onnx.ModelProto, second: onnx.ModelPro
     m += [helper.make_node("Not", [route], [not_route]),
           helper.make_node("NonZero", [not_route], [nz_o]), helper.make_node("Reshape", [nz_o, minus1], [io]),
           helper.make_node("NonZero", [route], [nz_r]), helper.make_node("Reshape", [nz_r, minus1], [ir])]
-    c_sel = []
-    for c in carried:
-        s = new("first_rows")
-        m.append(helper.make_node("Gather", [c, io], [s], axis=0))
-        c_sel.append(s)
-    x_sel = []
-    for x in x_names:
-        s = new("second_rows")
-        m.append(helper.make_node("Gather", [x, ir], [s], axis=0))
-        x_sel.append(s)
+    c_sel = _gather_rows(m, carried, io, "first_rows", new)
+    x_sel = _gather_rows(m, x_names, ir, "second_rows", new)
     fm_nodes, fm_out = _instance(first.graph, "first_rows", {v.name: c for v, c in zip(first.graph.input, c_sel)}, shared["first"])
     sm_nodes, sm_out = _instance(second.graph, "second_rows", {v.name: c for v, c in zip(second.graph.input, x_sel)}, shared["second"])
     m += fm_nodes + sm_nodes
@@ -215,11 +217,7 @@ def _overlay(head, first, second, x_names, output_names, h_nodes, route, carried
     one_d = new("minus1_1d")
     m += [helper.make_node("Constant", [], [one_d], value=helper.make_tensor(one_d + "_v", INT64, [1], [-1])),
           helper.make_node("Reshape", [nz, one_d], [ir])]
-    x_sel = []
-    for x in x_names:
-        sel = new("routed_rows")
-        m.append(helper.make_node("Gather", [x, ir], [sel], axis=0))
-        x_sel.append(sel)
+    x_sel = _gather_rows(m, x_names, ir, "routed_rows", new)
     s_nodes, s_out = _instance(second.graph, "second_rows", {v.name: c for v, c in zip(second.graph.input, x_sel)}, shared["second"])
     m += s_nodes
     routed_out = []
