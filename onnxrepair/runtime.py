@@ -205,6 +205,12 @@ def _concat_rows(parts: list):
     return parts[0]
 
 
+def _rows(example: np.ndarray, b: int, dtype) -> np.ndarray:
+    """A contiguous batch of ``b`` rows of ``example`` (its first row repeated when it has fewer)."""
+    xb = np.repeat(example[:1], b, axis=0) if len(example) < b else example[:b]
+    return np.ascontiguousarray(xb, dtype=dtype)
+
+
 def measure_latency(model: str | os.PathLike, example: np.ndarray, provider: str = "auto", batches: Sequence[int] = (1, 64),
                     repeats: int = 20, label: str | None = None) -> tuple[dict[str, float], list[str]]:
     """Median milliseconds per call at each of ``batches`` (rows of ``example``, repeated when short), and notes.
@@ -216,8 +222,7 @@ def measure_latency(model: str | os.PathLike, example: np.ndarray, provider: str
     out: dict[str, float] = {}
     notes: list[str] = []
     for b in batches:
-        xb = np.repeat(example[:1], b, axis=0) if len(example) < b else example[:b]
-        xb = np.ascontiguousarray(xb, dtype=dtype)
+        xb = _rows(example, b, dtype)
         for _ in range(3):
             sess.run({name: xb})
         times = []
@@ -248,11 +253,7 @@ def interleaved_ratio(original: str | os.PathLike, repaired: str | os.PathLike, 
     run A B B A (on shared cores the load swings 2x between seconds; calls microseconds apart see the same load) and
     the ratio of each side's 20th-percentile call time is reported. Batch 1 cycles through up to 32 rows of ``example``.
     At most ~``budget_s`` seconds per batch size, at least 15 rounds."""
-    def sess(path) -> Session:
-        s = make_session(path, "cpu", threads=threads)
-        return s
-
-    sa, sb = sess(original), sess(repaired)
+    sa, sb = make_session(original, "cpu", threads=threads), make_session(repaired, "cpu", threads=threads)
     na, nb = sa.input_names[0], sb.input_names[0]
     dtype = ORT_TO_NP.get(sa.sess.get_inputs()[0].type, np.float32)
     out: dict[str, float] = {}
@@ -260,8 +261,7 @@ def interleaved_ratio(original: str | os.PathLike, repaired: str | os.PathLike, 
         if b == 1:
             feeds = [np.ascontiguousarray(example[i : i + 1], dtype=dtype) for i in range(min(32, len(example)))]
         else:
-            xb = np.repeat(example[:1], b, axis=0) if len(example) < b else example[:b]
-            feeds = [np.ascontiguousarray(xb, dtype=dtype)]
+            feeds = [_rows(example, b, dtype)]
         for f in feeds[:3]:
             sa.run({na: f}), sb.run({nb: f})
         ta, tb, t_start, i = [], [], time.perf_counter(), 0
