@@ -146,6 +146,14 @@ def test_output_equal_to_input_is_refused(tmp_path, capsys):
     assert src.read_bytes() == ADULT.read_bytes()
 
 
+@pytest.mark.parametrize("method", ["fmt", "reject-option", "drop-attribute", "reweigh-finetune", "counterfactual-finetune"])
+def test_fairness_method_without_a_protected_column_is_a_usage_error(tmp_path, method, capsys):
+    rc = main(["repair", str(ADULT), "--method", method, "--data", str(TRAIN), "--target", "income", "-o", str(tmp_path / "o.onnx"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"method {method!r} needs --protected COLUMN" in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
 def test_unknown_method_option_is_a_usage_error(tmp_path, capsys):
     rc = main(["repair", str(ADULT), "--method", "fmt", "--data", str(TRAIN), "--target", "income", "--protected", "sex", "-o", str(tmp_path / "o.onnx"), "--bogus", "1"])
     assert rc == 2 and "has no option --bogus" in capsys.readouterr().err

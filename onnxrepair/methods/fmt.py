@@ -47,7 +47,7 @@ import torch
 from ..errors import UsageError
 from ..metrics import fairness_report, relative_change
 from ..nn import first_output
-from ..data.protected import ProtectedSpec, counterfactual_pairs, feature_groups, flip_protected
+from ..data.protected import ProtectedSpec, counterfactual_pairs, feature_groups, flip_protected, require_tabular_protected
 from . import MethodOutput, RepairInputs, register
 from ..graph import capture
 from ..localize.slices import neuron_mask, topk_frequent
@@ -235,10 +235,7 @@ class FMTConfig:
     paper=PAPER,
 )
 def fmt(inputs: RepairInputs, config: FMTConfig) -> MethodOutput:
-    if inputs.protected is None:
-        raise UsageError("fmt needs a protected attribute (--protected COLUMN)")
-    if inputs.train.x.ndim != 2:
-        raise UsageError("fmt repairs tabular models: the training data must be (N, F) feature rows")
+    require_tabular_protected(inputs.protected, inputs.train, "fmt")
     x = torch.as_tensor(np.asarray(inputs.train.x, dtype=np.float32))
     if config.select not in ("fairness", "last"):
         raise UsageError(f"--select must be fairness or last, not {config.select!r}")
