@@ -183,7 +183,7 @@ def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, cont
         prep, out = kept
         repair_s = time.perf_counter() - t  # the whole lr grid (DARE: its whole cut x share x lr grid)
         exported = stages.export(prep, out, exporter="legacy")
-        path = work / f"seed{seed}_{method}.onnx"
+        path = work / f"{args.model_prefix}_seed{seed}_{method}.onnx"  # named after --out: runs never overwrite each other's files
         onnx.save(exported.model, str(path))
         keep = ("cut", "cut_shape", "mining", "targets", "tuning", "choice", "slice", "history", "best_epoch", "attack")
         info = {k: v for k, v in out.info.items() if k in keep}
@@ -302,7 +302,7 @@ def merge(paths: list[Path], out: Path | None) -> int:
     """One table from result JSONs that ran the same command for different seeds (e.g. one process per seed, each
     started when its history was trained): per-seed rows concatenated in seed order, then aggregated as one run."""
     runs = [json.loads(p.read_text()) for p in paths]
-    strip = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seeds", "out", "merge", "shared_history")}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seeds", "out", "merge", "shared_history", "model_prefix")}  # noqa: E731
     if any(strip(r) != strip(runs[0]) for r in runs):
         raise SystemExit("dare.py --merge: the runs differ in settings other than --seeds/--out")
     shared = any(r["settings"].get("shared_history") for r in runs)
@@ -415,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ".venv/bin/python " + " ".join(["bench/dare.py", *(argv if argv is not None else sys.argv[1:])])
     out = args.out or ROOT / "bench" / "results" / f"dare_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    args.model_prefix = out.stem
     per_seed = []
     for s in seeds:
         per_seed.append(run_seed(s, dirs[0 if args.shared_history else s], pool, test, contract, args))
