@@ -16,11 +16,20 @@ rows (10 %), and every method runs through the pipeline's own stages (prepare ->
   attack's examples crafted on the fly (the paper's peers: adversarial fine-tuning on each attack's examples);
 * ``finetune`` — plain fine-tuning of all weights on the clean pool (``--perturb-prob 0``).
 
-Equal clean cost: every method chooses its checkpoint on the calibration rows under the same retention limit
-(``--max-clean-drop``, default 0.5 points, the pipeline's retention limit): an epoch whose calibration clean
-accuracy is more than that below the original's is not eligible (the peers' ``--max-clean-drop``, DARE's
-``--select-max-drop``); among the eligible epochs (the original included) the best (clean + attack accuracy) / 2 on
-the calibration rows wins. Nothing is chosen on the test images. ``--max-clean-drop 100`` is the unconstrained run.
+Equal clean cost: every method chooses its checkpoint on the calibration rows under a retention limit, and an epoch
+whose calibration clean accuracy is more than that below the original's is not eligible; among the eligible epochs
+(the original included) the best (clean + attack accuracy) / 2 on the calibration rows wins (the same rule for
+every method). DARE's limit is ``--max-clean-drop`` (default 0.5 points, the pipeline's retention limit, its
+``--select-max-drop``). With ``--equal-clean-cost`` DARE runs first and each peer's limit becomes what DARE lost on
+the calibration rows (measured on the exported files, on onnxruntime), at least ``--max-clean-drop``: the peers may
+spend exactly DARE's clean cost, no more. The peers' learning rate is tuned on the same rows: each peer runs with
+every lr of ``--peer-lrs`` (SGD, momentum 0.9; the default 0.003 alone) and the run whose kept epoch has the best
+calibration score wins (ties to the first lr). DARE's own grid: ``--dare-lrs`` x ``--dare-cuts`` (``--cut-layer``,
+e.g. ``default,features_features_10_max_pool``) x ``--dare-keeps`` (``--slice-keep``, e.g. ``0.95,0.5``), every cell
+scored per epoch on the calibration rows. Nothing is chosen on the test images. ``--calib-share`` sets the
+calibration rows' share of the pool (default 0.1). A diagnostics table gives, per method, the clean change on the
+calibration rows and on the test images and the share of test predictions equal to the original's (how far the
+repair moved the model). Repair time counts every grid cell and every peer lr.
 
 Each exported file is scored on onnxruntime (CPU) on ``--n-eval`` test images:
 
@@ -35,7 +44,7 @@ Each exported file is scored on onnxruntime (CPU) on ``--n-eval`` test images:
   1- or 3-channel images, so MNIST gets the column too; on MNIST it is the same 15 corruptions, not a published set.)
 * repair wall time (prepare + method, so DARE's checkpoint conversion is counted).
 
-Cells are mean ± std over seeds. The seeds vary the model and its history (initialisation and shuffling of its
+Cells are mean ± std over seeds; a tie for a column's best stars every tied repair and is no repair's win. The seeds vary the model and its history (initialisation and shuffling of its
 training), the pool's calibration split, the methods' shuffling and the attacks' random starts; the pool and test
 images are the same for every seed.
 The paper's targets: DARE's clean-accuracy change >= 0, and DARE the best mean in >= 60 % of transfer cells.
@@ -90,22 +99,30 @@ def craft(name: str, model, contract, budget, seed, unit: torch.Tensor, y: torch
     return contract.to_model(adv).numpy()
 
 
-def method_options(method: str, args, budget: dict, history: Path) -> tuple[str, dict[str, str]]:
-    """(registered method, its options) for a bench row."""
+def method_options(method: str, args, budget: dict, history: Path, max_drop: float | None = None, lr: float | None = None) -> tuple[str, dict[str, str]]:
+    """The method and its options; ``max_drop`` overrides ``--max-clean-drop`` (the equal-clean-cost limit of the
+    peers), ``lr`` is one value of ``--peer-lrs``."""
+    drop = str(args.max_clean_drop if max_drop is None else max_drop)
     if method == "dare":
         return "dare", {"history": str(history), "eps": str(budget["linf"]), "epochs": str(args.dare_epochs),
-                        "select_size": "256", "lrs": args.dare_lrs, "select_max_drop": str(args.max_clean_drop),
-                        "select_protocol": args.dare_select}
+                        "select_size": "256", "lrs": args.dare_lrs, "select_max_drop": drop,
+                        "select_protocol": args.dare_select, "cut_layer": args.dare_cuts, "slice_keep": args.dare_keeps}
+    lr_opt = {} if lr is None else {"lr": repr(lr)}
     if method == "finetune":
-        return "finetune", {"epochs": str(args.epochs), "batch_size": "64", "perturb_prob": "0", "max_clean_drop": str(args.max_clean_drop)}
+        return "finetune", {"epochs": str(args.epochs), "batch_size": "64", "perturb_prob": "0", "max_clean_drop": drop, **lr_opt}
     atk = method.rsplit("-", 1)[1]
     opts = {"attack": atk, "epochs": str(args.epochs), "batch_size": "64", "calib_attack_size": "128",
-            "max_clean_drop": str(args.max_clean_drop)}
+            "max_clean_drop": drop, **lr_opt}
     if atk == "cw":
         opts.update(eps=str(budget["l2"]), steps=str(args.peer_cw_steps))
     else:
         opts.update(eps=str(budget["linf"]), steps=str(args.peer_pgd_steps), step_size=str(budget["linf"] / 4))
     return "adversarial-training", opts
+
+
+def peer_value(info: dict) -> float:
+    """A peer run's calibration score at the epoch it kept: the training loop's own (clean + perturbed or attacked) / 2."""
+    return float(info["history"][info["best_epoch"]]["mixed"])
 
 
 def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, contract: InputContract, args) -> dict:
@@ -114,7 +131,7 @@ def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, cont
 
     budget = BUDGETS[args.dataset]
     final = work / "final.onnx"
-    train, calib = pool.split(0.1, seed=seed)
+    train, calib = pool.split(args.calib_share, seed=seed)
     unit = contract.to_unit(test.x)
     y = torch.as_tensor(test.y)
     x_clean = contract.to_model(unit).numpy()
@@ -123,10 +140,14 @@ def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, cont
     corrupted = ({c: contract.to_model(corrupt(c, unit, args.c_severity, seed=seed)).numpy() for c in CIFAR10C}
                  if args.c_severity else {})  # corrupted once per seed, shared by every model
     rows: dict[str, dict] = {}
+    preds: dict[str, np.ndarray] = {}
 
     def score(name: str, path: Path, model, repair_s: float, info: dict | None = None) -> None:
         sess = session(path)
+        pred = np.concatenate([sess.run(None, {"input": x_clean[i : i + 256]})[0].argmax(1) for i in range(0, len(x_clean), 256)])
+        preds[name] = pred
         row = {"clean": ort_accuracy(sess, x_clean, test.y), "repair_s": repair_s,
+               "agree_original": float((pred == preds["original"]).mean()),  # how far the repair moved the model's decisions
                "transfer": {a: ort_accuracy(sess, transfer[a], test.y) for a in ATTACKS},
                "whitebox": {a: (ort_accuracy(sess, transfer[a], test.y) if name == "original"
                                 else ort_accuracy(sess, craft(a, model, contract, budget, seed, unit, y, args), test.y)) for a in ATTACKS}}
@@ -140,21 +161,43 @@ def run_seed(seed: int, work: Path, pool: ArrayDataset, test: ArrayDataset, cont
               + " white-box " + " ".join(f"{a} {row['whitebox'][a]:.3f}" for a in ATTACKS) + (f" c10c mean {row['c10c_mean']:.3f}" if corrupted else "") + f" ({repair_s:.0f} s)", file=sys.stderr)
 
     score("original", final, original, 0.0)
+    calib_x = contract.to_model(contract.to_unit(calib.x)).numpy()
+    calib_acc = lambda path: ort_accuracy(session(path), calib_x, calib.y)  # noqa: E731  (the full calibration split)
+    rows["original"]["calib_clean"] = calib_acc(final)
+    peer_drop = None  # the equal-clean-cost limit of the peers, set by DARE's calibration drop
     for method in args.methods:
-        name, opts = method_options(method, args, budget, work / "history")
-        cfg = make_config(get(name), opts)
+        drop = peer_drop if (method != "dare" and peer_drop is not None) else None
+        lrs = [None] if method == "dare" else [float(v) for v in args.peer_lrs.split(",") if v.strip()]
         t = time.perf_counter()
-        prep = stages.prepare(final, name, train, splits=(train, calib, test), contract=contract, config=cfg, device="cpu", seed=seed)
-        out = stages.run(prep)
-        repair_s = time.perf_counter() - t
+        tried = []
+        for lr in lrs:  # the peers' lr chosen on the calibration rows (their own score at their kept epoch), ties to the first
+            name, opts = method_options(method, args, budget, work / "history", drop, lr)
+            cfg = make_config(get(name), opts)
+            prep = stages.prepare(final, name, train, splits=(train, calib, test), contract=contract, config=cfg, device="cpu", seed=seed)
+            out = stages.run(prep)
+            if lr is not None:
+                tried.append({"lr": lr, "best_epoch": out.info["best_epoch"], "calib_mixed": peer_value(out.info),
+                              "calib_clean": out.info["history"][out.info["best_epoch"]]["calib_clean"]})
+            if len(tried) <= 1 or tried[-1]["calib_mixed"] > max(r["calib_mixed"] for r in tried[:-1]) + 1e-12:
+                kept = (prep, out)
+        prep, out = kept
+        repair_s = time.perf_counter() - t  # the whole lr grid (DARE: its whole cut x share x lr grid)
         exported = stages.export(prep, out, exporter="legacy")
-        path = work / f"seed{seed}_{method}.onnx"
+        path = work / f"{args.model_prefix}_seed{seed}_{method}.onnx"  # named after --out: runs never overwrite each other's files
         onnx.save(exported.model, str(path))
         keep = ("cut", "cut_shape", "mining", "targets", "tuning", "choice", "slice", "history", "best_epoch", "attack")
         info = {k: v for k, v in out.info.items() if k in keep}
         if "choice" in info:
             info["choice"] = {**info["choice"], "runs": [{k: v for k, v in r.items() if k != "loss"} for r in info["choice"]["runs"]]}
+        if tried:
+            info["lr_grid"] = tried
+            info["lr"] = tried[[r["calib_mixed"] for r in tried].index(max(r["calib_mixed"] for r in tried))]["lr"]
+            info["max_clean_drop"] = args.max_clean_drop if drop is None else drop
         score(method, path, out.model.eval(), repair_s, info)
+        rows[method]["calib_clean"] = calib_acc(path)
+        if method == "dare" and args.equal_clean_cost:
+            # the peers may lose what DARE lost on the calibration rows, at least the retention limit
+            peer_drop = max(args.max_clean_drop, 100 * (rows["original"]["calib_clean"] - rows["dare"]["calib_clean"]))
     return rows
 
 
@@ -181,21 +224,48 @@ def choices(per_seed: list[dict], seeds: list[int]) -> str:
         parts = []
         for m, r in rows.items():
             info = r.get("info") or {}
+            cal = (f", calib clean {100 * (r['calib_clean'] - rows['original']['calib_clean']):+.1f}"
+                   if "calib_clean" in r and "calib_clean" in rows.get("original", {}) else "")
             if "mining" in info:
                 mi, ch = info["mining"], info.get("choice", {})
-                parts.append(f"dare accepted {mi['accepted']}/{mi['pool']}, lr {ch.get('lr')} epoch {ch.get('epoch')}")
+                grid = f" cut {ch['cut']} share {ch['slice_keep']:g}" if "cut" in ch else ""
+                parts.append(f"dare accepted {mi['accepted']}/{mi['pool']},{grid} lr {ch.get('lr')} epoch {ch.get('epoch')}{cal}")
             elif "best_epoch" in info:
-                parts.append(f"{m} epoch {info['best_epoch']}")
+                lr = f" lr {info['lr']:g}" if "lr" in info else ""
+                lim = f" (limit {info['max_clean_drop']:.2g})" if "max_clean_drop" in info else ""
+                parts.append(f"{m}{lr} epoch {info['best_epoch']}{cal}{lim}")
         if parts:
             lines.append(f"# seed {s}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
+def diagnostics(per_seed: list[dict]) -> str:
+    """Per method, mean over seeds: clean change on the calibration rows (what every choice saw) and on the test
+    images, and the share of test images whose predicted class equals the original model's (how far it moved)."""
+    if not all("calib_clean" in r.get("original", {}) for r in per_seed):
+        return ""
+    lines = ["| model | calib clean change pts | test clean change pts | test predictions = original's % |", "|---|---|---|---|"]
+    for m in per_seed[0]:
+        if m == "original":
+            continue
+        cal = np.array([100 * (r[m]["calib_clean"] - r["original"]["calib_clean"]) for r in per_seed])
+        tst = np.array([100 * (r[m]["clean"] - r["original"]["clean"]) for r in per_seed])
+        agr = np.array([100 * r[m].get("agree_original", np.nan) for r in per_seed])
+        lines.append(f"| {m} | {cal.mean():+.1f} ({' '.join(f'{v:+.1f}' for v in cal)}) | {tst.mean():+.1f} "
+                     f"({' '.join(f'{v:+.1f}' for v in tst)}) | {agr.mean():.1f} |")
+    return "\n".join(lines)
+
+
 def table(agg: dict) -> tuple[str, dict]:
     methods = [m for m in agg if m != "original"]
-    best = {p: {a: max(methods, key=lambda m: agg[m][p][a]["mean"]) for a in ATTACKS} for p in ("transfer", "whitebox")}
+    def top(get) -> set[str]:  # every repair whose mean equals the column's best (a tie is no one's win)
+        hi = max(get(m) for m in methods)
+        return {m for m in methods if get(m) >= hi - 1e-12}
+
+    best = {p: {a: top(lambda m, p=p, a=a: agg[m][p][a]["mean"]) for a in ATTACKS} for p in ("transfer", "whitebox")}
     has_c = all("c10c_mean" in agg[m] for m in agg)
-    best_c = max(methods, key=lambda m: agg[m]["c10c_mean"]["mean"]) if has_c else None
+    best_c = top(lambda m: agg[m]["c10c_mean"]["mean"]) if has_c else set()
+    sole = lambda b: b == {"dare"}  # noqa: E731
     cell = lambda d: f"{100 * d['mean']:5.1f} ± {100 * d['std']:4.1f}"
     head = f"| {'model':12s} | {'clean %':13s} | " + " | ".join(f"{p[:5]} {a:4s} %{'':4s}" for p in ("transfer", "whitebox") for a in ATTACKS) + f" | {'c10c mean %':14s} | repair s |"
     lines = [head, "|" + "---|" * (len(ATTACKS) * 2 + 4)]
@@ -203,24 +273,27 @@ def table(agg: dict) -> tuple[str, dict]:
         parts = [cell(agg[m]["clean"])]
         for p in ("transfer", "whitebox"):
             for a in ATTACKS:
-                mark = "*" if m != "original" and best[p][a] == m else " "
+                mark = "*" if m in best[p][a] else " "
                 parts.append(cell(agg[m][p][a]) + mark)
-        parts.append(cell(agg[m]["c10c_mean"]) + ("*" if m != "original" and best_c == m else " ") if has_c else f"{'n/a':14s}")
+        parts.append(cell(agg[m]["c10c_mean"]) + ("*" if m in best_c else " ") if has_c else f"{'n/a':14s}")
         lines.append(f"| {m:12s} | " + " | ".join(parts) + f" | {agg[m]['repair_s']['mean']:8.1f} |")
     base = agg["original"]["clean"]["mean"]
     verdict = {
         "dare_clean_change_points": 100 * (agg["dare"]["clean"]["mean"] - base) if "dare" in agg else None,
-        "dare_best_transfer_cells": sum(best["transfer"][a] == "dare" for a in ATTACKS),
-        "dare_best_whitebox_cells": sum(best["whitebox"][a] == "dare" for a in ATTACKS),
+        "dare_best_transfer_cells": sum(sole(best["transfer"][a]) for a in ATTACKS),
+        "dare_best_whitebox_cells": sum(sole(best["whitebox"][a]) for a in ATTACKS),
+        "dare_tied_best_transfer_cells": sum("dare" in best["transfer"][a] and not sole(best["transfer"][a]) for a in ATTACKS),
+        "transfer_margin_points": {a: 100 * (agg["dare"]["transfer"][a]["mean"] - max(agg[m]["transfer"][a]["mean"] for m in methods if m != "dare"))
+                                   for a in ATTACKS} if "dare" in agg and len(methods) > 1 else None,
         "cells_per_protocol": len(ATTACKS),
-        "dare_best_c10c_mean": (best_c == "dare") if has_c else None,
+        "dare_best_c10c_mean": sole(best_c) if has_c else None,
         "c10c_mean_change_points": ({m: 100 * (agg[m]["c10c_mean"]["mean"] - agg["original"]["c10c_mean"]["mean"]) for m in methods}
                                     if has_c else None),
         "clean_change_points": {m: 100 * (agg[m]["clean"]["mean"] - base) for m in methods},
     }
     verdict["target_clean_change_ge_0"] = verdict["dare_clean_change_points"] is not None and verdict["dare_clean_change_points"] >= 0
     verdict["target_best_in_60pct_transfer_cells"] = verdict["dare_best_transfer_cells"] >= 0.6 * len(ATTACKS)
-    lines.append("* = best mean among the repairs in that column"
+    lines.append("* = best mean among the repairs in that column (a tie stars every tied repair and counts as no win)"
                  + ("" if has_c else "; c10c mean n/a: this run did not score the corruptions"))
     return "\n".join(lines), verdict
 
@@ -229,7 +302,7 @@ def merge(paths: list[Path], out: Path | None) -> int:
     """One table from result JSONs that ran the same command for different seeds (e.g. one process per seed, each
     started when its history was trained): per-seed rows concatenated in seed order, then aggregated as one run."""
     runs = [json.loads(p.read_text()) for p in paths]
-    strip = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seeds", "out", "merge", "shared_history")}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seeds", "out", "merge", "shared_history", "model_prefix")}  # noqa: E731
     if any(strip(r) != strip(runs[0]) for r in runs):
         raise SystemExit("dare.py --merge: the runs differ in settings other than --seeds/--out")
     shared = any(r["settings"].get("shared_history") for r in runs)
@@ -259,7 +332,9 @@ def merge(paths: list[Path], out: Path | None) -> int:
                "per_seed": per_seed, "aggregate": agg, "verdict": verdict, "table": txt, "setup": setup,
                "total_s": sum(r["total_s"] for r in runs)}
     out.write_text(json.dumps(payload, indent=1, default=float))
-    text = "# " + cmd + "  " + cmd_note + "\n" + setup + "\n" + txt + "\n" + choices(per_seed, seeds) + "\n" + json.dumps(verdict) + "\n"
+    diag = diagnostics(per_seed)
+    text = ("# " + cmd + "  " + cmd_note + "\n" + setup + "\n" + txt + "\n" + (diag + "\n" if diag else "") + choices(per_seed, seeds)
+            + "\n" + json.dumps(verdict) + "\n")
     out.with_suffix(".txt").write_text(text)
     print(text)
     return 0
@@ -287,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="result JSONs of the same command run one seed each: write their merged table and exit")
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every peer")
+    ap.add_argument("--peer-lrs", default="0.003",
+                    help="the peers' SGD learning rates (comma list): each peer runs each, the best calibration score wins")
+    ap.add_argument("--equal-clean-cost", action="store_true",
+                    help="the peers' clean-drop limit is DARE's calibration clean drop (at least --max-clean-drop); DARE runs first")
+    ap.add_argument("--calib-share", type=float, default=0.1, help="share of the pool held out as calibration rows")
+    ap.add_argument("--dare-cuts", default="", help="DARE's --cut-layer: one cut or a grid (e.g. default,features_10)")
+    ap.add_argument("--dare-keeps", default="0.95", help="DARE's --slice-keep: one share or a grid (e.g. 0.95,0.5)")
     ap.add_argument("--dare-epochs", type=int, default=10)
     ap.add_argument("--dare-lrs", default="1e-5,1e-4,1e-3")
     ap.add_argument("--dare-select", choices=("transfer", "whitebox"), default="transfer",
@@ -333,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ".venv/bin/python " + " ".join(["bench/dare.py", *(argv if argv is not None else sys.argv[1:])])
     out = args.out or ROOT / "bench" / "results" / f"dare_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    args.model_prefix = out.stem
     per_seed = []
     for s in seeds:
         per_seed.append(run_seed(s, dirs[0 if args.shared_history else s], pool, test, contract, args))
@@ -362,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(payload, indent=1, default=float))
     chosen = choices(per_seed, seeds)
     print(chosen)
-    out.with_suffix(".txt").write_text("# " + cmd + "\n" + setup + "\n" + txt + "\n" + chosen + "\n" + json.dumps(verdict) + "\n")
+    diag = diagnostics(per_seed)
+    out.with_suffix(".txt").write_text("# " + cmd + "\n" + setup + "\n" + txt + "\n" + (diag + "\n" if diag else "") + chosen + "\n"
+                                       + json.dumps(verdict) + "\n")
     out.with_name(out.stem + ".partial.json").unlink(missing_ok=True)
     print(f"wrote {out} ({payload['total_s']:.0f} s)", file=sys.stderr)
     return 0

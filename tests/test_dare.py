@@ -198,6 +198,29 @@ def test_method_on_history_fixture(one_torch_thread):
     assert torch.equal(dict(out.model.named_parameters())["fc/Gemm.weight"], before["fc/Gemm.weight"])
 
 
+def test_cut_and_slice_share_grid_chosen_on_validation(one_torch_thread):
+    """``--cut-layer default,NODE --slice-keep 0.95,0.5``: every (cut, share, lr) cell is tuned and scored, the chosen
+    cell is the best validation score (ties to the earlier cell), and each cut mines its own targets."""
+    from onnxrepair.methods import get, make_config
+
+    spec = get("dare")
+    inp = _inputs(_history)
+    out = spec.fn(inp, make_config(spec, {"eps": "0.1", "epochs": "1", "lrs": "1e-3", "cut_layer": "default,relu_1",
+                                          "slice_keep": "0.95,0.5", "select_max_drop": "100"}))
+    runs = out.info["choice"]["runs"]
+    assert [(r["cut"], r["slice_keep"]) for r in runs] == [("relu_2", 0.95), ("relu_2", 0.5), ("relu_1", 0.95), ("relu_1", 0.5)]
+    best = min(r["score"] for r in runs)
+    first_best = next(r for r in runs if r["score"] <= best + 1e-12)
+    ch = out.info["choice"]
+    assert (ch["cut"], ch["slice_keep"]) == (first_best["cut"], first_best["slice_keep"])
+    assert out.info["cut"] == ch["cut"] and out.info["slice"]["keep"] == ch["slice_keep"]
+    # the 50 % slice tunes fewer weights than the 95 % one at the same cut; the earlier cut has a smaller prefix
+    assert runs[1]["tunable_weights"] < runs[0]["tunable_weights"] and runs[3]["tunable_weights"] < runs[2]["tunable_weights"]
+    assert runs[2]["tunable_weights"] < runs[0]["tunable_weights"]
+    single = spec.fn(inp, make_config(spec, {"eps": "0.1", "epochs": "1", "lrs": "1e-3"}))
+    assert [(r["cut"], r["slice_keep"]) for r in single.info["choice"]["runs"]] == [("relu_2", 0.95)]  # the published defaults
+
+
 def test_transfer_selection_crafts_once_on_the_original(one_torch_thread, monkeypatch):
     """``select_protocol=transfer``: the validation examples are crafted once, on the original model, and every epoch of
     every lr is scored on them; white-box crafts on each scored classifier. At epoch 0 (the original) both agree."""

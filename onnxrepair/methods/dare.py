@@ -32,6 +32,10 @@ first as "Toward Improving the Robustness of Deep Learning Models via Model Tran
   evaluation protocol; cheaper too); an epoch losing more
   than ``select_max_drop`` points of clean accuracy there is not eligible; the best (lr, epoch) wins, epoch 0 (the
   original) included, so tuning that only hurts on the validation rows changes nothing.
+* **Grid** (optional): ``--cut-layer default,NODE`` and ``--slice-keep 0.95,0.5`` make the cut and the slice share
+  grid dimensions next to the lr: every (cut, share, lr) cell is tuned and scored per epoch on the same validation
+  images (the same transfer examples), mining runs once per cut, and the best (cell, epoch) wins, ties to the
+  earlier cell (so list the published defaults first). The defaults are the published single cut and 95 % share.
 """
 
 from __future__ import annotations
@@ -92,6 +96,18 @@ def default_cut(gm: fx.GraphModule, example: torch.Tensor) -> str:
     if len(layers) < 2:
         raise UsageError("dare found no feature map and fewer than 2 Linear layers to cut at; name one with --cut-layer")
     return layers[-2][1].name
+
+
+def grid_cuts(gm: fx.GraphModule, spec: str, example: torch.Tensor) -> list[str]:
+    """The cuts ``--cut-layer`` names: "" is the default cut (:func:`default_cut`); a comma-separated list is a grid,
+    where "default" stands for the default cut; duplicates are dropped, order kept (ties go to the earlier)."""
+    names = [s.strip() for s in spec.split(",") if s.strip()] or ["default"]
+    out: list[str] = []
+    for n in names:
+        c = default_cut(gm, example) if n == "default" else resolve_node(gm, n)
+        if c not in out:
+            out.append(c)
+    return out
 
 
 # --------------------------------------------------------------------------- mining
@@ -279,9 +295,10 @@ class RobustSelector:
 class DareConfig:
     history: str = ""  # checkpoints: a directory, a glob or a comma-separated list of ONNX files (resolved by the pipeline)
     history_order: str = "natural"  # natural (by the number in the name) | given | mtime
-    cut_layer: str = ""  # fx node or module name ending the prefix; "" = last feature map before global pooling / penultimate dense
+    cut_layer: str = ""  # fx node or module name ending the prefix; "" = last feature map before global pooling / penultimate dense;
+    # a comma-separated list is a grid of candidates chosen on the validation split ("default" names the default cut)
     scan: str = "later-half"  # later-half (the artefact) | all
-    slice_keep: float = 0.95  # share of synapses per layer kept in the slice
+    slice_keep: tuple[float, ...] = (0.95,)  # share of synapses per layer kept in the slice; several: a grid chosen on validation
     slice_samples: int = 64  # pool inputs per class for the slice
     lrs: tuple[float, ...] = (1e-5, 1e-4, 1e-3)  # Adam learning rates tried; 1e-5 is the published one
     epochs: int = 10  # tuning epochs per lr (each scored on the validation split)
@@ -315,32 +332,38 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
     val = val.limit(cfg.select_size, seed=inputs.seed)
     x = contract.to_model(contract.to_unit(pool.x)).to(dev)
     y = torch.as_tensor(pool.y, dtype=torch.long)
-    cut = cfg.cut_layer and resolve_node(inputs.model, cfg.cut_layer)
-    cut = cut or default_cut(inputs.model, x[:2].cpu())
-    targets = HistoryTargets(history, cfg.scan)
-    slicer = NNSlicerSlice(cfg.slice_keep, cfg.slice_samples)
+    cuts = grid_cuts(inputs.model, cfg.cut_layer, x[:2].cpu())
+    keeps = tuple(cfg.slice_keep)
+    if not keeps or any(not 0 < k <= 1 for k in keeps):
+        raise UsageError(f"--slice-keep must be shares in (0, 1], got {cfg.slice_keep}")
     runs = []
     best = None
     val_unit, val_y = contract.to_unit(val.x).to(dev), torch.as_tensor(val.y, dtype=torch.long, device=dev)
     make_selector = lambda fixed=None: RobustSelector(val_unit, val_y, contract, cfg.select_attack, cfg.eps, inputs.seed,  # noqa: E731
                                                       inputs.output_kind, fixed)
-    fixed = None  # the transfer protocol's examples: crafted once on the original, shared by every lr
+    fixed = None  # the transfer protocol's examples: crafted once on the original, shared by every grid cell
     if cfg.select_protocol == "transfer":
         fixed = make_selector().craft(copy.deepcopy(inputs.model).to(dev).eval())
-    for lr in cfg.lrs:
-        selector = make_selector(fixed)
-        selector.max_drop = cfg.select_max_drop
-        res = run_transform(inputs.model, cut=cut, targets=targets, slicer=slicer,
-                            tuning=TuningConfig(cfg.epochs, lr, cfg.batch_size, "step"), x_train=x, y_train=y, device=dev,
-                            seed=inputs.seed, output_kind=inputs.output_kind, extras={"history": history}, selector=selector,
-                            progress=inputs.progress)
-        sel = res.info["selection"]
-        scores = {e["epoch"]: e["score"] for e in sel["epochs"]}
-        chosen = sel["selected_epoch"]
-        value = scores.get(chosen)
-        runs.append({"lr": lr, "selected_epoch": chosen, "score": value, "curve": sel["epochs"], "loss": res.info["tuning"]})
-        if value is not None and (best is None or value < best[0] - 1e-12):  # lower is better; ties keep the smaller lr
-            best = (value, lr, res)
+    for cut in cuts:  # grid cut x slice share x lr, every cell scored per epoch on the same validation images
+        targets = HistoryTargets(history, cfg.scan)  # mined once per cut (the targets are activations at the cut)
+        for keep in keeps:
+            slicer = NNSlicerSlice(keep, cfg.slice_samples)  # one slice per (cut, share), shared by the lrs
+            for lr in cfg.lrs:
+                selector = make_selector(fixed)
+                selector.max_drop = cfg.select_max_drop
+                res = run_transform(inputs.model, cut=cut, targets=targets, slicer=slicer,
+                                    tuning=TuningConfig(cfg.epochs, lr, cfg.batch_size, "step"), x_train=x, y_train=y, device=dev,
+                                    seed=inputs.seed, output_kind=inputs.output_kind, extras={"history": history}, selector=selector,
+                                    progress=inputs.progress)
+                sel = res.info["selection"]
+                scores = {e["epoch"]: e["score"] for e in sel["epochs"]}
+                chosen = sel["selected_epoch"]
+                value = scores.get(chosen)
+                runs.append({"cut": cut, "slice_keep": keep, "lr": lr, "selected_epoch": chosen, "score": value,
+                             "accepted": res.info["targets"]["accepted"],
+                             "tunable_weights": res.info["slice"]["tunable_weights"], "curve": sel["epochs"], "loss": res.info["tuning"]})
+                if value is not None and (best is None or value < best[0] - 1e-12):  # lower is better; ties keep the earlier cell
+                    best = (value, lr, res)
     if best is None:  # no epoch of any lr eligible: the original weights (epoch 0 is always eligible, so rare)
         best = (None, cfg.lrs[0], res)
     _, lr, res = best
@@ -349,7 +372,7 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
     info = dict(res.info)
     info["choice"] = {"on": f"{len(val)} validation images of the pool (calibration split), score = (clean + {cfg.select_protocol} "
                             f"{cfg.select_attack} accuracy at eps {cfg.eps:.4g}) / 2, clean drop <= {cfg.select_max_drop} points",
-                      "lr": lr, "epoch": chosen, "steps": chosen * n_batches, "batch_size": cfg.batch_size, "runs": runs}
+                      "cut": res.info["cut"], "slice_keep": res.info["slice"]["keep"], "lr": lr, "epoch": chosen, "steps": chosen * n_batches, "batch_size": cfg.batch_size, "runs": runs}
     info["mining"] = {k: info["targets"][k] for k in ("pool", "accepted", "dropped", "target_epochs")}
     info["history"] = {"checkpoints": list(history.names), "skipped": list(getattr(history, "skipped", []))}
     info["params_added"] = 0
@@ -360,7 +383,9 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
         f"mined {m['pool']} pool inputs: {m['accepted']} accepted, {m['dropped']} dropped; targets from "
         + ", ".join(f"{k} {v}" for k, v in m["target_epochs"].items() if v),
         f"cut at {info['cut']} {tuple(info['cut_shape'])}; slice {sl['tunable_weights']}/{sl['prefix_weights']} prefix weights",
-        f"lr {lr:g}, {info['choice']['steps']} steps (epoch {chosen} of {cfg.epochs}) chosen on {len(val)} validation images"
+        f"lr {lr:g}, {info['choice']['steps']} steps (epoch {chosen} of {cfg.epochs})"
+        + (f", cut {info['cut']}, slice share {sl['keep']:g} ({len(runs)} grid cells)" if len(runs) > len(cfg.lrs) else "")
+        + f" chosen on {len(val)} validation images"
         + (" — the original weights kept" if chosen == 0 else ""),
     ]
     return MethodOutput(res.model.cpu().eval(), info, summary)
