@@ -223,3 +223,21 @@ def test_ft_lr_and_search_images_are_used(one_torch_thread):
     assert abs(moved - frozen) > 0.1 * frozen  # 0.01 moves the weights a lot on this BN-folded fixture
     capped = _run(inputs, search_images=40, search_epochs=1, finetune_epochs=0)
     assert capped.info["search_images"] == {"weights": 40, "alpha": 40}
+
+
+def test_clean_limit_counts_images_with_a_floor_of_one():
+    """Issue 12: 0.5 pt of 149 calibration images is under one image, so the limit rejected every checkpoint that
+    changed one clean prediction; it is now a whole number of images, at least one."""
+    from onnxrepair.methods.archrepair import _preferring_clean, clean_limit_images
+
+    assert clean_limit_images(149, 0.5) == 1 and clean_limit_images(1000, 0.5) == 5 and clean_limit_images(1000, 0.0) == 1
+    assert clean_limit_images(400, 1.0) == 4
+    orig = 137 / 149
+    one = _preferring_clean(136 / 149, 0.7, orig, 0.5, 149)[1]
+    two = _preferring_clean(135 / 149, 0.9, orig, 0.5, 149)[1]
+    assert one["within_clean_limit"] and one["clean_images_lost"] == 1
+    assert not two["within_clean_limit"] and two["clean_images_lost"] == 2
+    # within the limit wins over a better mean that loses more
+    assert _preferring_clean(136 / 149, 0.7, orig, 0.5, 149)[0] > _preferring_clean(135 / 149, 0.9, orig, 0.5, 149)[0]
+    assert _preferring_clean(995 / 1000, 0.5, 1.0, 0.5, 1000)[1]["within_clean_limit"]
+    assert not _preferring_clean(994 / 1000, 0.5, 1.0, 0.5, 1000)[1]["within_clean_limit"]

@@ -529,13 +529,21 @@ def discretise(cell: RelaxedCell, keep_weight: bool = True) -> tuple[DiscreteCel
     return DiscreteCell(chosen, cell.nodes, copy.deepcopy(cell.shortcut), copy.deepcopy(cell.act)), report
 
 
-def _preferring_clean(clean: float, corrupted: float, orig_clean: float, max_drop: float) -> tuple[float, dict]:
-    """Checkpoint score: mean of calib clean and corrupted accuracy, plus 1 when clean accuracy lost at most
-    ``max_drop`` points, so such checkpoints win; when none qualifies, the best mean still does (never the
-    untrained discretised cell by default)."""
-    ok = (orig_clean - clean) * 100 <= max_drop + 1e-9
+def clean_limit_images(n: int, max_drop: float) -> int:
+    """Calibration images a checkpoint may lose against the original: ``max_drop`` points of ``n``, rounded down,
+    and never under one image (module doc, step 6)."""
+    return max(1, int(np.floor(max_drop / 100.0 * n + 1e-9)))
+
+
+def _preferring_clean(clean: float, corrupted: float, orig_clean: float, max_drop: float, n: int) -> tuple[float, dict]:
+    """Checkpoint score: mean of calib clean and corrupted accuracy, plus 1 when the checkpoint loses at most
+    :func:`clean_limit_images` of the ``n`` clean calibration images against the original, so such checkpoints win;
+    when none qualifies, the best mean still does (never the untrained discretised cell by default)."""
+    lost = int(round((orig_clean - clean) * n))
+    ok = lost <= clean_limit_images(n, max_drop)
     mixed = (clean + corrupted) / 2
-    return mixed + (1.0 if ok else 0.0), {"calib_clean": clean, "calib_corrupted": corrupted, "within_clean_limit": ok}
+    return mixed + (1.0 if ok else 0.0), {"calib_clean": clean, "calib_corrupted": corrupted, "clean_images_lost": lost,
+                                          "within_clean_limit": ok}
 
 
 def _ce(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
@@ -660,7 +668,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         grads = _OpGrads(cell_mod)
 
         def search_score(epoch: int):
-            value, info = _preferring_clean(_acc(relaxed_runner, cal_clean), _acc(relaxed_runner, cal_corr), o_clean, cfg.max_clean_drop)
+            value, info = _preferring_clean(_acc(relaxed_runner, cal_clean), _acc(relaxed_runner, cal_corr), o_clean, cfg.max_clean_drop, len(cy))
             info["alpha"] = {f"{i}->{j}": {n: round(float(v), 3) for n, v in zip(cell_mod.edges[k].names, torch.softmax(cell_mod.alphas[k].detach(), 0))}
                              for k, (i, j) in enumerate(cell_mod.keys)}
             info["op_grad"] = grads.take()
@@ -689,7 +697,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         opt = torch.optim.SGD(cell_params, lr=cfg.ft_lr or cfg.lr, momentum=0.9, weight_decay=5e-4)
 
         def ft_score(epoch: int):
-            return _preferring_clean(_acc(runner, cal_clean), _acc(runner, cal_corr), o_clean, cfg.max_clean_drop)
+            return _preferring_clean(_acc(runner, cal_clean), _acc(runner, cal_corr), o_clean, cfg.max_clean_drop, len(cy))
 
         res = train_loop(model, opt, lambda e: _batches(rep, cfg.batch_size, inputs.seed * 1000 + 77 + e),
                          lambda b, s: _loss(runner, b, kd_iter, cfg.kd, kind), epochs=cfg.finetune_epochs,
