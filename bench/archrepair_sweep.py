@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"reproduce: {cmd}")
     text = "\n".join(lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    prev = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    prev = json.loads(args.out.read_text()) if args.out.exists() else {}
+    prev.setdefault("runs", [])
     prev["runs"].append({"reproduce": cmd, "model": meta, "rows": rows, "chosen": best, "common": common})
     args.out.write_text(json.dumps(prev, indent=2, default=str))
     with open(args.out.with_suffix(".txt"), "a") as f:
