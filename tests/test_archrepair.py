@@ -168,11 +168,12 @@ def test_model_without_blocks_exits_2_saying_why(tmp_path, capsys):
 def test_search_picks_new_ops_when_alpha_can_move(one_torch_thread, opts, warm):
     """With the defaults (arch_lr 0.03, "none" level with the new ops off the original's edge) the search trains
     the new ops (their weight gradients are reported) and picks new ops for the cell beside the original; the
-    alpha trajectory is in info. The first version's settings (arch_lr 0.003, none_logit 3) never did."""
+    alpha trajectory is in info. The first version's settings (arch_lr 0.003, none_logit 3) never did. kd 1: at
+    the default kd 4 the fixture's search keeps its epoch 0 (uniform alpha) by the checkpoint rule."""
     from onnxrepair.methods.archrepair import CELL_NAME, PRIMITIVES
 
     inputs = _inputs(RESNET)
-    out = _run(inputs, search_epochs=2, **opts)
+    out = _run(inputs, search_epochs=2, kd=1, **opts)
     info = out.info
     new = [e["op"] for e in info["edges"] if e["op"] in PRIMITIVES and e["op"] != "none"]
     assert new, info["edges"]
@@ -221,8 +222,10 @@ def test_ft_lr_and_search_images_are_used(one_torch_thread):
     frozen, moved = ft_loss(ft_lr=1e-12), ft_loss(ft_lr=0.01)
     assert ft_loss() == pytest.approx(ft_loss(ft_lr=0.001))  # 0: the search's lr (0.001)
     assert abs(moved - frozen) > 0.1 * frozen  # 0.01 moves the weights a lot on this BN-folded fixture
-    capped = _run(inputs, search_images=40, search_epochs=1, finetune_epochs=0)
+    capped = _run(inputs, search_images=40, search_calib=7, search_epochs=1, finetune_epochs=0)
     assert capped.info["search_images"] == {"weights": 40, "alpha": 40}
+    assert capped.info["search_calib_images"] == 7  # the search's epochs are scored on 7 calibration images
+    assert all(round(h["calib_clean"] * 7, 6).is_integer() for h in capped.info["history"]["search"])
 
 
 def test_clean_limit_counts_images_with_a_floor_of_one():
