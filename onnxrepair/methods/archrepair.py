@@ -71,8 +71,9 @@ Round 2 (issue 12 follow-up; ``bench/results/archrepair_sweep.txt``, validation 
   images with a floor of one (:func:`clean_limit_images`), and the benches calibrate on 1,000 held-out
   training-split images the model never saw (64 % clean, like test): 0.5 pt = 5 images.
 * **Distillation 4, not 1.** Under that limit kd 1 lost 1.4-1.7 pts validation clean (its checkpoints all over 5
-  images), kd 4 gained 0.4 with target +8.1, mean-15 +1.7; block weights-only at kd 4: +0.0 / +6.3 / +1.5. Not everywhere:
-  on the 69.5 % MNIST ResNet fixture kd 4 lost 2 of 200 held-out clean rows (``tests/test_methods_strict.py`` runs kd 1).
+  images), kd 4 gained 0.4 with target +8.1, mean-15 +1.7; block weights-only at kd 4: +0.0 / +6.3 / +1.5. Not
+  everywhere: on the 69.5 % MNIST ResNet fixture kd 4 lost 2 of 200 held-out clean rows
+  (``tests/test_methods_strict.py`` runs kd 1).
 * **New ops.** The default search still discretises to the original body on the chosen block (its alpha scale
   0.75 folded in): the zero-initialised new ops get ~0.14 of the mixture and lr 0.001 for a handful of weight steps,
   so their output stays ~0 and their alpha level with "none", which argmax takes on a tie. Starting "none" 2 logits
