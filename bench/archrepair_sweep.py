@@ -3,9 +3,11 @@
     .venv/bin/python bench/archrepair_sweep.py --data-dir ../shared/datasets --n-train 10000 --pretrain-epochs 15 \\
         --configs 'base:;kd1:kd=1;arch:arch_lr=0.03,warm_logit=1,none_logit=0'
 
-Same model, repair data and calibration split as ``bench/archrepair.py`` (the training subset it gives the repairs);
-the **validation** images are ``--n-val`` CIFAR-10 *training-split* images outside the model's training subset (the
-model never trained on them, the repair never sees them, and they are not test images). Each config (``label:``
+Same model, repair data and calibration split as ``bench/archrepair.py`` (``--repair-train`` of the model's training
+images; ``--n-calib`` held-out calibration images); the **validation** images are the ``--n-val`` CIFAR-10
+*training-split* images outside the model's training subset that come before the calibration ones
+(``bench/archrepair.py``'s ``heldout``): the model never trained on them, the repair never sees them, and they are
+not test images. Each config (``label:``
 then ``field=value`` pairs of :class:`ArchRepairConfig`, ``;`` between configs; values as on the command line,
 ``+`` between tuple items) runs the method in torch (no export; the bench measures the exported files) and is scored
 on the validation images: clean, the targeted corruption and the mean over the 15 CIFAR-10-C corruptions at
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from archrepair import heldout  # noqa: E402
 from train_cifar_resnet import CONTRACT, ensure_model, load_cifar  # noqa: E402
 
 from onnxrepair import methods  # noqa: E402
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-epochs", type=int, default=15)
     ap.add_argument("--repair-train", type=int, default=3000)
     ap.add_argument("--n-val", type=int, default=1000)
+    ap.add_argument("--n-calib", type=int, default=1000, help="held-out calibration images, after the validation ones")
     ap.add_argument("--target", default="gaussian_noise")
     ap.add_argument("--severity", type=int, default=3)
     ap.add_argument("--common", default="", help="options every config gets (field=value,...)")
@@ -89,22 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     from onnxrepair.methods import RepairInputs
 
     orig, meta = ensure_model(args.data_dir, args.work, args.n_train, args.pretrain_epochs, args.seed)
-    cache = args.work / f"sweep_val_n{args.n_train}_v{args.n_val}_s{args.seed}.npz"
-    # the model's training draw is the first n_train // 10 images of each class in load_cifar's per-class order; a
-    # larger draw extends it, so its extra images are training-split images the model never saw
     tr_all, _ = load_cifar(args.data_dir, args.n_train, 10, args.seed)
-    if cache.exists():
-        z = np.load(cache)
-        from onnxrepair.data.dataset import ArrayDataset
-
-        val = ArrayDataset(x=z["x"], y=z["y"], name="cifar10-val")
-    else:
-        big, _ = load_cifar(args.data_dir, args.n_train + args.n_val, 10, args.seed)
-        seen = {x.tobytes() for x in tr_all.x}
-        keep = np.array([x.tobytes() not in seen for x in big.x])
-        val = big.subset(np.flatnonzero(keep)[: args.n_val])
-        np.savez_compressed(cache, x=val.x, y=val.y)
-    train, calib = tr_all.limit(args.repair_train, seed=args.seed + 2).split(0.1, seed=args.seed + 1)
+    val = heldout(args.data_dir, args.work, args.n_train, 0, args.n_val, args.seed)
+    train = tr_all.limit(args.repair_train, seed=args.seed + 2)
+    calib = heldout(args.data_dir, args.work, args.n_train, args.n_val, args.n_calib, args.seed)
     t = time.perf_counter()
     sets = val_sets(val, args.target, args.severity, args.seed)
     print(f"[sweep] {len(val)} validation images, corrupted in {time.perf_counter() - t:.0f}s", file=sys.stderr)
@@ -154,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"reproduce: {cmd}")
     text = "\n".join(lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    prev = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    prev = json.loads(args.out.read_text()) if args.out.exists() else {}
+    prev.setdefault("runs", [])
     prev["runs"].append({"reproduce": cmd, "model": meta, "rows": rows, "chosen": best, "common": common})
     args.out.write_text(json.dumps(prev, indent=2, default=str))
     with open(args.out.with_suffix(".txt"), "a") as f:

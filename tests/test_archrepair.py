@@ -168,11 +168,12 @@ def test_model_without_blocks_exits_2_saying_why(tmp_path, capsys):
 def test_search_picks_new_ops_when_alpha_can_move(one_torch_thread, opts, warm):
     """With the defaults (arch_lr 0.03, "none" level with the new ops off the original's edge) the search trains
     the new ops (their weight gradients are reported) and picks new ops for the cell beside the original; the
-    alpha trajectory is in info. The first version's settings (arch_lr 0.003, none_logit 3) never did."""
+    alpha trajectory is in info. The first version's settings (arch_lr 0.003, none_logit 3) never did. kd 1: at
+    the default kd 4 the fixture's search keeps its epoch 0 (uniform alpha) by the checkpoint rule."""
     from onnxrepair.methods.archrepair import CELL_NAME, PRIMITIVES
 
     inputs = _inputs(RESNET)
-    out = _run(inputs, search_epochs=2, **opts)
+    out = _run(inputs, search_epochs=2, kd=1, **opts)
     info = out.info
     new = [e["op"] for e in info["edges"] if e["op"] in PRIMITIVES and e["op"] != "none"]
     assert new, info["edges"]
@@ -221,5 +222,25 @@ def test_ft_lr_and_search_images_are_used(one_torch_thread):
     frozen, moved = ft_loss(ft_lr=1e-12), ft_loss(ft_lr=0.01)
     assert ft_loss() == pytest.approx(ft_loss(ft_lr=0.001))  # 0: the search's lr (0.001)
     assert abs(moved - frozen) > 0.1 * frozen  # 0.01 moves the weights a lot on this BN-folded fixture
-    capped = _run(inputs, search_images=40, search_epochs=1, finetune_epochs=0)
+    capped = _run(inputs, search_images=40, search_calib=7, search_epochs=1, finetune_epochs=0)
     assert capped.info["search_images"] == {"weights": 40, "alpha": 40}
+    assert capped.info["search_calib_images"] == 7  # the search's epochs are scored on 7 calibration images
+    assert all(round(h["calib_clean"] * 7, 6).is_integer() for h in capped.info["history"]["search"])
+
+
+def test_clean_limit_counts_images_with_a_floor_of_one():
+    """Issue 12: 0.5 pt of 149 calibration images is under one image, so the limit rejected every checkpoint that
+    changed one clean prediction; it is now a whole number of images, at least one."""
+    from onnxrepair.methods.archrepair import _preferring_clean, clean_limit_images
+
+    assert clean_limit_images(149, 0.5) == 1 and clean_limit_images(1000, 0.5) == 5 and clean_limit_images(1000, 0.0) == 1
+    assert clean_limit_images(400, 1.0) == 4
+    orig = 137 / 149
+    one = _preferring_clean(136 / 149, 0.7, orig, 0.5, 149)[1]
+    two = _preferring_clean(135 / 149, 0.9, orig, 0.5, 149)[1]
+    assert one["within_clean_limit"] and one["clean_images_lost"] == 1
+    assert not two["within_clean_limit"] and two["clean_images_lost"] == 2
+    # within the limit wins over a better mean that loses more
+    assert _preferring_clean(136 / 149, 0.7, orig, 0.5, 149)[0] > _preferring_clean(135 / 149, 0.9, orig, 0.5, 149)[0]
+    assert _preferring_clean(995 / 1000, 0.5, 1.0, 0.5, 1000)[1]["within_clean_limit"]
+    assert not _preferring_clean(994 / 1000, 0.5, 1.0, 0.5, 1000)[1]["within_clean_limit"]

@@ -31,12 +31,14 @@ Deep Neural Networks." ACM TOSEM 2023 (arXiv 2111.13330). The search follows DAR
    would otherwise learn 1/0.13^2 = 60x slower than alone), else a Mul by a constant.
 6. **Fine-tuning** of the discrete cell on the whole repair set (``ft_lr``). Checkpoint rule (search and
    fine-tuning): the mean of clean and corrupted calibration accuracy, and checkpoints losing at most
-   ``max_clean_drop`` points of clean calibration accuracy against the original model win over those that lose
-   more; epoch 0 competes. The cell replaces the block (:func:`onnxrepair.graph.edit.replace_region`).
+   ``max_clean_drop`` points of the clean calibration images against the original model -- counted in images,
+   rounded down, **at least one** (:func:`clean_limit_images`) -- win over those that lose more; epoch 0 competes.
+   The search scores its epochs on at most ``search_calib`` calibration images (a random subset), fine-tuning on
+   all. The cell replaces the block (:func:`onnxrepair.graph.edit.replace_region`).
 7. **Distillation** (``kd``, our choice, a standard repair trick): every search and fine-tuning step adds ``kd``
    times KL(original || repaired) at temperature 2 (times 4, Hinton et al. 2015) on a batch of clean pool images,
    the original's outputs computed once. The repair set is mostly failures, and fitting them alone cost clean
-   accuracy (below).
+   accuracy (below). Default 4, chosen on validation (round 2 below).
 
 Why the first version never picked a new op, and lost clean accuracy (issue 12; diagnosed with the alpha trajectory
 ``info["alpha_trajectory"]`` and the per-op mean |dL/dw| per search epoch ``info["history"]["search"][i]["op_grad"]``):
@@ -54,19 +56,41 @@ Why the first version never picked a new op, and lost clean accuracy (issue 12; 
 * **Clean loss came from the data, not the discretisation.** Validation (``bench/archrepair_sweep.py``: 1,000
   CIFAR-10 training-split images outside the model's training subset, 10k-image model at 67.2 % clean, 48.1 %
   Gaussian noise s3, 52.4 % mean of 15): the old settings lost 6.2 points clean (target +10.7, mean-15 -1.9);
-  the same search with ``kd`` 1 lost 1.4 (target +11.5, mean-15 +1.6). ``kd`` 1 is the default on that figure.
+  the same search with ``kd`` 1 lost 1.4 (target +11.5, mean-15 +1.6). ``kd`` 1 was the default on that figure
+  (round 2 below: 4).
 * **Time.** The search runs the relaxed cell (8-9 ops per edge, 3 edges) twice a step (alpha and w); it is capped
-  to ``search_images`` (384) images a half -- the full 1,000 took 7x network fine-tuning's time in the first bench.
+  to ``search_images`` (then 384, now 256) images a half -- the full 1,000 took 7x network fine-tuning's time in
+  the first bench.
   Distillation doubles the passes of every step, so the time target is further away, not closer.
 
-Measured after these changes (``bench/results/archrepair.txt``, CIFAR-10 ResNet of 10k images at 66.9 %, 1,351 repair
-+ 149 calibration images, Gaussian noise s3, 500 test images on onnxruntime, cores at load 23-30): block-level clean
--1.6 pts, target +9.4, mean-15 +0.0 (first version on the 55 % model: -4.0 / +5.5 / -3.9); layer-level -2.0 / +8.6 /
--1.1; network fine-tuning -9.8 / +7.4 / -3.5; 21x network fine-tuning's time. Alpha now moves (original 0.715 ->
-0.749, the convs 0.125 -> 0.146 on the side edges) and the layer-level and random-block searches picked conv paths
-beside the original, but on the bench's block "none" stayed ahead by 0.001, so the block-level cell is the original
-op again. Not solved: the checkpoint rule's 0.5 pt limit is below one calibration image (0.67 pt of 149), so block
-weights-only fine-tuning kept epoch 0 (the original) -- its "loss" to block-level is that rule, not the search.
+Round 2 (issue 12 follow-up; ``bench/results/archrepair_sweep.txt``, validation split, never test):
+
+* **The clean limit was below one calibration image.** The bench calibrated on 10 % of the repair images: 149 of
+  the model's own training images (92 % clean), one image = 0.67 pt > ``max_clean_drop`` 0.5, so block weights-only
+  kept epoch 0 (the original) and "block-level beats weights-only" was that rule. Now the limit is counted in
+  images with a floor of one (:func:`clean_limit_images`), and the benches calibrate on 1,000 held-out
+  training-split images the model never saw (64 % clean, like test): 0.5 pt = 5 images.
+* **Distillation 4, not 1.** Under that limit kd 1 lost 1.4-1.7 pts validation clean (its checkpoints all over 5
+  images), kd 4 gained 0.4 with target +8.1, mean-15 +1.7; block weights-only at kd 4: +0.0 / +6.3 / +1.5. Not
+  everywhere: on the 69.5 % MNIST ResNet fixture kd 4 lost 2 of 200 held-out clean rows
+  (``tests/test_methods_strict.py`` runs kd 1).
+* **New ops.** The default search still discretises to the original body on the chosen block (its alpha scale
+  0.75 folded in): the zero-initialised new ops get ~0.14 of the mixture and lr 0.001 for a handful of weight steps,
+  so their output stays ~0 and their alpha level with "none", which argmax takes on a tie. Starting "none" 2 logits
+  behind with ``arch_lr`` 0.3 makes the search keep a conv_3x3 -> conv_3x3 path beside the original, but it gained
+  less on validation (+6.9 target vs +8.1), so those stay off.
+* **Time.** 2 search epochs of ``search_images`` 256 (3 x 384 at kd 1 on validation: target +10.3 both,
+  clean -1.4 vs -1.7), ``search_calib`` 250.
+  The bench's block is the first one, so the cached prefix is only the stem: each search step still runs the
+  relaxed cell (25 candidate ops) and the whole rest of the network, and distillation doubles every step.
+
+Measured (``bench/results/archrepair.txt``; CIFAR-10 ResNet of 10k images at 66.9 %, 1,500 repair images, 1,000
+held-out calibration images, Gaussian noise s3, 500 test images on onnxruntime, 2 search + 3 fine-tuning epochs):
+block-level clean +0.0, target +7.6, mean-15 +1.5, 108 s; layer-level -2.6 / +7.4 / +0.1; block weights-only
++0.2 / +7.2 / +1.4 (the block-level lead over it, 2 test images on target and 0.09 pt mean-15, is noise);
+network fine-tuning -2.4 / +8.4 / +2.2 in 30 s, its first epoch already past ArchRepair's calibration gain: 3.7x
+its time, 11x at equal gain. Targets: clean loss <= 0.5 pt met; beats layer-level met; beats weights-only only by
+noise on test (by 1.8 pts target on validation); half of network fine-tuning's time not met.
 
 Choices the paper does not pin down (all measured by ``bench/archrepair.py``):
 
@@ -143,9 +167,10 @@ class ArchRepairConfig:
     arch_lr: float = 0.03  # alpha (Adam); 0.003 moved no logit by more than 0.1 in the bench's ~30 alpha steps
     warm_logit: float = 3.0  # warm start: alpha of "original" on its edge (others 0)
     none_logit: float = 0.0  # warm start: alpha of "none" on the other edges (others 0); 3.0 kept every new op out
-    kd: float = 1.0  # weight of the distillation term: KL to the original model's outputs on clean pool images
+    kd: float = 4.0  # weight of the distillation term: KL to the original model's outputs on clean pool images (validation: 1 lost 1.7 pts clean, 4 none)
     ft_lr: float = 0.0  # fine-tuning lr (SGD); 0: lr
-    search_images: int = 384  # at most this many repair images in each half of the search (0: all)
+    search_images: int = 256  # at most this many repair images in each half of the search (0: all)
+    search_calib: int = 250  # the search scores its epochs on at most this many calibration images (0: all)
     max_clean_drop: float = 0.5  # points of calib clean accuracy a checkpoint may lose to be preferred
     keep_alpha_scale: bool = True  # the chosen op keeps its softmax weight as a constant scale (DARTS drops it)
 
@@ -529,13 +554,21 @@ def discretise(cell: RelaxedCell, keep_weight: bool = True) -> tuple[DiscreteCel
     return DiscreteCell(chosen, cell.nodes, copy.deepcopy(cell.shortcut), copy.deepcopy(cell.act)), report
 
 
-def _preferring_clean(clean: float, corrupted: float, orig_clean: float, max_drop: float) -> tuple[float, dict]:
-    """Checkpoint score: mean of calib clean and corrupted accuracy, plus 1 when clean accuracy lost at most
-    ``max_drop`` points, so such checkpoints win; when none qualifies, the best mean still does (never the
-    untrained discretised cell by default)."""
-    ok = (orig_clean - clean) * 100 <= max_drop + 1e-9
+def clean_limit_images(n: int, max_drop: float) -> int:
+    """Calibration images a checkpoint may lose against the original: ``max_drop`` points of ``n``, rounded down,
+    and never under one image (module doc, step 6)."""
+    return max(1, int(np.floor(max_drop / 100.0 * n + 1e-9)))
+
+
+def _preferring_clean(clean: float, corrupted: float, orig_clean: float, max_drop: float, n: int) -> tuple[float, dict]:
+    """Checkpoint score: mean of calib clean and corrupted accuracy, plus 1 when the checkpoint loses at most
+    :func:`clean_limit_images` of the ``n`` clean calibration images against the original, so such checkpoints win;
+    when none qualifies, the best mean still does (never the untrained discretised cell by default)."""
+    lost = int(round((orig_clean - clean) * n))
+    ok = lost <= clean_limit_images(n, max_drop)
     mixed = (clean + corrupted) / 2
-    return mixed + (1.0 if ok else 0.0), {"calib_clean": clean, "calib_corrupted": corrupted, "within_clean_limit": ok}
+    return mixed + (1.0 if ok else 0.0), {"calib_clean": clean, "calib_corrupted": corrupted, "clean_images_lost": lost,
+                                          "within_clean_limit": ok}
 
 
 def _ce(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
@@ -613,7 +646,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     orig_runner = Runner(gm, target.entry)
     o_clean, o_corr = _acc(orig_runner, orig_runner.cache(c_clean, cy)), _acc(orig_runner, orig_runner.cache(c_corr, cy))
     search_only_original = set(cfg.ops) <= {ORIGINAL}
-    search_best, search_sizes = 0, [0, 0]
+    search_best, search_sizes, search_calib_n = 0, [0, 0], 0
     history: dict[str, list] = {"search": [], "finetune": []}
     edges_report: list[dict] = []
     skipped: dict[str, str] = {}
@@ -628,8 +661,14 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         relaxed_model = _with_cell(gm, target, relaxed)
         relaxed_runner = Runner(relaxed_model, target.entry)
         rep = relaxed_runner.cache(data["x"], data["y"])
-        cal_clean = relaxed_runner.cache(c_clean, cy)
-        cal_corr = relaxed_runner.cache(c_corr, cy)
+        # the search scores its epochs on at most search_calib calibration images (a random subset): evaluating
+        # the relaxed cell on all of them cost as much as the search's training steps on 1,000 images
+        sc = torch.randperm(len(cy), generator=torch.Generator().manual_seed(inputs.seed + 11))
+        sc = sc[: cfg.search_calib] if 0 < cfg.search_calib < len(cy) else sc
+        o_search = _acc(orig_runner, orig_runner.cache(c_clean[sc], cy[sc]))
+        search_calib_n = len(sc)
+        cal_clean = relaxed_runner.cache(c_clean[sc], cy[sc])
+        cal_corr = relaxed_runner.cache(c_corr[sc], cy[sc])
         kd_set = relaxed_runner.cache(data["x_kd"], data["t_kd"]) if cfg.kd > 0 else None
         perm = torch.randperm(len(rep), generator=torch.Generator().manual_seed(inputs.seed + 3))
         half = len(rep) // 2
@@ -660,7 +699,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         grads = _OpGrads(cell_mod)
 
         def search_score(epoch: int):
-            value, info = _preferring_clean(_acc(relaxed_runner, cal_clean), _acc(relaxed_runner, cal_corr), o_clean, cfg.max_clean_drop)
+            value, info = _preferring_clean(_acc(relaxed_runner, cal_clean), _acc(relaxed_runner, cal_corr), o_search, cfg.max_clean_drop, len(sc))
             info["alpha"] = {f"{i}->{j}": {n: round(float(v), 3) for n, v in zip(cell_mod.edges[k].names, torch.softmax(cell_mod.alphas[k].detach(), 0))}
                              for k, (i, j) in enumerate(cell_mod.keys)}
             info["op_grad"] = grads.take()
@@ -689,7 +728,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         opt = torch.optim.SGD(cell_params, lr=cfg.ft_lr or cfg.lr, momentum=0.9, weight_decay=5e-4)
 
         def ft_score(epoch: int):
-            return _preferring_clean(_acc(runner, cal_clean), _acc(runner, cal_corr), o_clean, cfg.max_clean_drop)
+            return _preferring_clean(_acc(runner, cal_clean), _acc(runner, cal_corr), o_clean, cfg.max_clean_drop, len(cy))
 
         res = train_loop(model, opt, lambda e: _batches(rep, cfg.batch_size, inputs.seed * 1000 + 77 + e),
                          lambda b, s: _loss(runner, b, kd_iter, cfg.kd, kind), epochs=cfg.finetune_epochs,
@@ -720,6 +759,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         "alpha_trajectory": _trajectory(history["search"]),
         "search_best_epoch": search_best,
         "search_images": {"weights": search_sizes[0], "alpha": search_sizes[1]},
+        "search_calib_images": search_calib_n,
         "kd": cfg.kd,
         "ops_left_out": skipped,
         "repair_data": data["counts"],
