@@ -64,6 +64,7 @@ SETTINGS: dict[str, tuple[str, dict, int | None]] = {
     "deeppatch r.25 e2 front1": ("deeppatch", {"ratio": 0.25, "epochs": 2}, 1),
     "deeppatch r.5 e2 lr.01": ("deeppatch", {"ratio": 0.5, "epochs": 2, "lr": 0.01}, None),
     "deeppatch r1 e2 lr.01": ("deeppatch", {"ratio": 1.0, "epochs": 2, "lr": 0.01}, None),
+    "deeppatch r.25 e2 taylor": ("deeppatch", {"ratio": 0.25, "epochs": 2, "assess": "taylor"}, None),
     "finetune e1": ("finetune", {"epochs": 1}, None),
     "finetune e2": ("finetune", {"epochs": 2}, None),
     "finetune e2 lr.01": ("finetune", {"epochs": 2, "lr": 0.01}, None),

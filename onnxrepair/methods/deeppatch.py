@@ -420,14 +420,19 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
                       what="stacked image")
     a_batch = max(1, min(cfg.assess_batch, n_assess, stacked))
     a_group = max(1, min(cfg.assess_group, stacked // a_batch))
-    with mem.stage("method.assess"), inputs.progress.task(f"assess filters ({cfg.assess})", total=(1 if cfg.assess == "taylor" else len(candidates)) * -(-n_assess // a_batch)) as advance:
-        scores = assess_filters(
-            gm, calib.clean[:n_assess], calib.perturbed[:n_assess], calib.y[:n_assess], method=cfg.assess,
-            output_kind=inputs.output_kind, layers=candidates, group=a_group, batch_size=a_batch, progress=advance,
-            stable=cfg.assess_stable, top_k=lambda c: int(np.floor(cfg.ratio * c)),
-        )
+    convs = dict((n.name, c) for n, c in conv_nodes(gm))
+    if all(int(np.floor(cfg.ratio * convs[name].out_channels)) == convs[name].out_channels for name in candidates):
+        scores = {}  # every filter is patched (ratio 1): no ranking can change the plan, so none is computed
+    else:
+        with mem.stage("method.assess"), inputs.progress.task(f"assess filters ({cfg.assess})", total=(1 if cfg.assess == "taylor" else len(candidates)) * -(-n_assess // a_batch)) as advance:
+            scores = assess_filters(
+                gm, calib.clean[:n_assess], calib.perturbed[:n_assess], calib.y[:n_assess], method=cfg.assess,
+                output_kind=inputs.output_kind, layers=candidates, group=a_group, batch_size=a_batch, progress=advance,
+                stable=cfg.assess_stable, top_k=lambda c: int(np.floor(cfg.ratio * c)),
+            )
     t_assess = time.perf_counter() - t0
-    plan = {name: scores[name].top(int(np.floor(cfg.ratio * len(scores[name].acc_score)))) for name in candidates}
+    plan = {name: scores[name].top(int(np.floor(cfg.ratio * len(scores[name].acc_score)))) if scores
+            else list(range(convs[name].out_channels)) for name in candidates}
 
     # ---- 2. patching units, trained with the gate forced to the patched path
     gm, layers = insert_patches(gm, plan, bias=cfg.unit_bias)
