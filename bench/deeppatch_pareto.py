@@ -101,6 +101,16 @@ def cifar_splits(data_dir: Path, n_repair: int, seed: int) -> dict[str, ArrayDat
             "val": part(xt, yt, np.sort(held[500:2000]), "cifar-val"), "test": part(data["x_test"], data["y_test"], test, "cifar-test")}
 
 
+def base_contract(dataset: str) -> InputContract | None:
+    """The CIFAR base was trained on normalised inputs and its file carries no contract: pass the training one.
+    The Keras CNN's (x/255, NHWC) is what the pipeline infers from the file."""
+    if dataset == "mnist":
+        return None
+    import train_cifar_resnet as tcr
+
+    return tcr.CONTRACT
+
+
 def base_model(dataset: str, data_dir: Path) -> Path:
     if dataset == "mnist":
         return KERAS_CNN
@@ -150,7 +160,7 @@ def run_one(dataset: str, setting: str, seed: int, model: Path, splits: dict[str
     cfg = dataclasses.replace(spec.config_cls(), **over)
     t = time.perf_counter()
     prep = stages.prepare(model, method, splits["repair"], splits=(splits["repair"], splits["calib"], splits["val"]),
-                          config=cfg, device="cpu", seed=seed)
+                          contract=base_contract(dataset), config=cfg, device="cpu", seed=seed)
     if front is not None:
         prep.config = dataclasses.replace(prep.config, exclude=tuple(conv_names(prep)[front:]))
     out = stages.run(prep)
@@ -307,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in [int(s) for s in args.seeds.split(",")]:
             splits = (mnist_splits if args.dataset == "mnist" else cifar_splits)(args.data_dir, args.n_repair, seed)
             contract = stages.prepare(model, "finetune", splits["repair"], splits=(splits["repair"], splits["calib"], splits["val"]),
-                                      device="cpu", seed=seed).contract
+                                      contract=base_contract(args.dataset), device="cpu", seed=seed).contract
             sets = {k: eval_sets(splits[k], contract) for k in ("val", "test")}
             base = work / f"original_s{seed}.json"
             if not base.exists():
