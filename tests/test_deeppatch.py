@@ -181,3 +181,19 @@ def test_gates_are_per_sample_and_export(tmp_path, gate):
         torch.testing.assert_close(out.model(x[perm]), ref[perm], atol=1e-5, rtol=1e-5)
         routes = _routes(out.model, x)
         assert torch.equal(ref[~routes], gm(x)[~routes])
+
+
+def test_ratio_one_patches_every_filter_without_assessing_and_taylor_runs_end_to_end(tmp_path):
+    """ratio 1: every filter of every conv is patched and no ranking is computed (none could change the plan);
+    ``assess="taylor"`` ranks by first-order featswap and repairs like the others (same number of filters patched)."""
+    torch.manual_seed(0)
+    train = synthetic(120, seed=1)
+    gm = to_onnx_and_back(train_tiny(TinyCNN(), train, epochs=2), tmp_path / "t.onnx")
+    calib = synthetic(60, seed=2)
+    full = _run(gm, train, calib, epochs=1, assess_samples=32, ratio=1.0)
+    assert full.info["ranking"] == {}
+    assert all(l["k"] == l["c_out"] and l["channels"] == list(range(l["c_out"])) for l in full.info["layers_patched"])
+    tay = _run(gm, train, calib, epochs=1, assess_samples=32, assess="taylor")
+    fs = _run(gm, train, calib, epochs=1, assess_samples=32)
+    assert [(l["layer"], l["k"]) for l in tay.info["layers_patched"]] == [(l["layer"], l["k"]) for l in fs.info["layers_patched"]]
+    assert all(r["samples"] == 32 for r in tay.info["ranking"].values())

@@ -110,3 +110,41 @@ def test_stable_assessment_stops_early_with_the_scores_of_the_samples_it_used(se
                              batch_size=16, layers=[name])[name]
         np.testing.assert_array_equal(s.acc_score, ref.acc_score)
         np.testing.assert_allclose(s.loss_score, ref.loss_score, rtol=1e-12, atol=1e-12)
+
+
+def test_taylor_is_the_first_order_featswap_loss_change(setup):
+    """``taylor``: channel c's score is the directional derivative of the summed NLL along (clean - perturbed) map of
+    c, sign flipped (a recovery). Checked against a central finite difference of the real loss, per channel."""
+    gm, clean, pert, y = setup
+    clean, pert, y = clean[:48], pert[:48], y[:48]
+    fast = assess_filters(gm, clean, pert, y, method="taylor", batch_size=20)  # three batches: sums across them
+    assert len(fast) == 3 and all(s.n_samples == 48 and not s.acc_score.any() for s in fast.values())
+    eps = 1e-3
+    with torch.no_grad():
+        for node, conv in conv_nodes(gm):
+            maps = {}
+            h = conv.register_forward_hook(lambda m, i, o: maps.setdefault("clean", o))
+            gm(clean)
+            h.remove()
+            h = conv.register_forward_hook(lambda m, i, o: maps.setdefault("pert", o))
+            gm(pert)
+            h.remove()
+            delta = maps["clean"] - maps["pert"]
+            fd = []
+            for c in range(conv.out_channels):
+                losses = []
+                for sgn in (1, -1):
+                    def hook(m, i, o, c=c, sgn=sgn):
+                        o = o.clone()
+                        o[:, c] += sgn * eps * delta[:, c]
+                        return o
+
+                    h = conv.register_forward_hook(hook)
+                    out = first_output(gm(pert)).double()
+                    h.remove()
+                    losses.append(float(torch.nn.functional.cross_entropy(out, y, reduction="sum")))
+                fd.append(-(losses[0] - losses[1]) / (2 * eps) / len(y))
+            s = fast[node.name]
+            np.testing.assert_allclose(s.loss_score, fd, rtol=2e-2, atol=2e-4)
+            assert np.abs(s.loss_score).max() > 1e-3  # not trivially zero
+            assert s.top(2) == [int(i) for i in np.argsort(-np.array(fd), kind="stable")[:2]]

@@ -90,7 +90,7 @@ DEPLOY = ("switch", "mix")
 
 @dataclass
 class DeepPatchConfig:
-    assess: str = "featswap"  # filter assessment: featswap | perfloss
+    assess: str = "featswap"  # filter assessment: featswap | perfloss | taylor (first-order featswap: ~3 passes per sample, for large models)
     ratio: float = 0.25  # fraction of each conv's filters replaced by the patching unit
     epochs: int = 20
     batch_size: int = 128  # the paper uses 256
@@ -420,14 +420,19 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
                       what="stacked image")
     a_batch = max(1, min(cfg.assess_batch, n_assess, stacked))
     a_group = max(1, min(cfg.assess_group, stacked // a_batch))
-    with mem.stage("method.assess"), inputs.progress.task(f"assess filters ({cfg.assess})", total=len(candidates) * -(-n_assess // a_batch)) as advance:
-        scores = assess_filters(
-            gm, calib.clean[:n_assess], calib.perturbed[:n_assess], calib.y[:n_assess], method=cfg.assess,
-            output_kind=inputs.output_kind, layers=candidates, group=a_group, batch_size=a_batch, progress=advance,
-            stable=cfg.assess_stable, top_k=lambda c: int(np.floor(cfg.ratio * c)),
-        )
+    convs = dict((n.name, c) for n, c in conv_nodes(gm))
+    if all(int(np.floor(cfg.ratio * convs[name].out_channels)) == convs[name].out_channels for name in candidates):
+        scores = {}  # every filter is patched (ratio 1): no ranking can change the plan, so none is computed
+    else:
+        with mem.stage("method.assess"), inputs.progress.task(f"assess filters ({cfg.assess})", total=(1 if cfg.assess == "taylor" else len(candidates)) * -(-n_assess // a_batch)) as advance:
+            scores = assess_filters(
+                gm, calib.clean[:n_assess], calib.perturbed[:n_assess], calib.y[:n_assess], method=cfg.assess,
+                output_kind=inputs.output_kind, layers=candidates, group=a_group, batch_size=a_batch, progress=advance,
+                stable=cfg.assess_stable, top_k=lambda c: int(np.floor(cfg.ratio * c)),
+            )
     t_assess = time.perf_counter() - t0
-    plan = {name: scores[name].top(int(np.floor(cfg.ratio * len(scores[name].acc_score)))) for name in candidates}
+    plan = {name: scores[name].top(int(np.floor(cfg.ratio * len(scores[name].acc_score)))) if scores
+            else list(range(convs[name].out_channels)) for name in candidates}
 
     # ---- 2. patching units, trained with the gate forced to the patched path
     gm, layers = insert_patches(gm, plan, bias=cfg.unit_bias)
@@ -437,6 +442,7 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         p.requires_grad_(True)
     set_routing(gm, "patched")
     cap = mem.fit("deeppatch calibration", capture_item, 512, what="image")  # capture / evaluation batch
+    t_train0 = time.perf_counter()
     with mem.stage("method.train"):
         result = train_mixture(
             gm, unit_params, train, calib, contract, inputs.output_kind, spec=spec, epochs=cfg.epochs,
@@ -452,9 +458,12 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
     # per channel), so memory stays flat in the model's width and the number of sets. A routed sample sees exactly
     # the original or exactly the patched path, so the gated model's accuracy follows from the per-sample
     # correctness of both paths without another pass.
+    t_train = time.perf_counter() - t_train0
+    t_cal0 = time.perf_counter()
     with mem.stage("method.calibrate"):
         info_cal = _calibrate(gm, inputs, cfg, spec, train, calib, calib_data, layers, cap)
     gate_info, routing, acc, variants, igate = info_cal
+    t_cal = time.perf_counter() - t_cal0
 
     deploy: dict = {"form": "mix", "reason": "asked for (--deploy mix)"}
     trained = gm
@@ -489,7 +498,7 @@ def deeppatch(inputs: RepairInputs, cfg: DeepPatchConfig) -> MethodOutput:
         "best_epoch": result.best_epoch,
         "stopped_at_epoch": result.stopped_at,
         "history": result.history,
-        "seconds": {"assess": round(t_assess, 2), "total": round(time.perf_counter() - t0, 2)},
+        "seconds": {"assess": round(t_assess, 2), "train": round(t_train, 2), "calibrate": round(t_cal, 2), "total": round(time.perf_counter() - t0, 2)},
         "calib_samples": len(calib.y),
         # how the budget split the passes (the results do not depend on it); per-stage figures are in the report's "memory"
         "passes": {"assess_batch": a_batch, "assess_group": a_group, "capture_batch": cap, "budget_mb": round(mem.limit / 2**20, 1)},
