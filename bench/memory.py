@@ -150,6 +150,10 @@ def child(spec: dict) -> dict:
 
         convs = [n.name for n, _ in conv_nodes(converters.convert(spec["model"]).gm)]
         opts["exclude"] = ",".join(convs[spec["assess_convs"]:]) or "none"
+    if spec.get("skip_latency"):  # the judge's latency timing (64-row batches, 23 calls per file): time, not memory
+        import onnxrepair.runtime as rt
+
+        rt.latency_comparison = lambda *a, **k: {"skipped": "bench/memory.py --skip-latency"}
     prep = stages.prepare(spec["model"], spec["method"], train, splits=(train, calib, heldout), contract=contract, options=opts,
                           device="cpu", seed=0, max_memory=spec.get("max_memory"))
     out = stages.run(prep)
@@ -366,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r50-assess-convs", type=int, default=1, help="the same on resnet50_224 (default: the stem only; every conv "
                     "is ~26,000 filters)")
     ap.add_argument("--assess-samples", type=int, default=8, help="DeepPatch: images per assessment")
+    ap.add_argument("--skip-latency", action="store_true", help="skip the judge's latency comparison of the two files (64-row "
+                    "batches, 23 calls each: ~10 min per ResNet-50 run on shared cores; it measures time, not memory)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "memory.json")
     ap.add_argument("--replot", type=Path, default=None, help="redraw the plot and table from a results JSON and exit")
@@ -427,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"model": made[model]["model"], "method": method, "options": opts, "epochs": a.epochs, "data": made[model]["data"],
                     "max_memory": a.max_memory, "threads": a.threads or None,
                     "assess_convs": (a.r50_assess_convs if r50 else a.assess_convs) if method == "deeppatch" else 0,
-                    "batch_size": a.r50_batch_size if r50 else None, "eval_corruptions": EVAL_CORRUPTIONS}
+                    "batch_size": a.r50_batch_size if r50 else None, "eval_corruptions": EVAL_CORRUPTIONS,
+                    "skip_latency": a.skip_latency}
             print(f"... {model} {method}", file=sys.stderr, flush=True)
             rows.append(run_child(spec))
             with open(a.out.with_suffix(".partial.jsonl"), "a") as f:  # a run stopped part-way keeps what it measured
