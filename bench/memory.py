@@ -395,11 +395,23 @@ def main(argv: list[str] | None = None) -> int:
                     r["method"] = f"{r['method']}/{label}"
                     r["variant"] = label
             parts.append(part)
-        rows = [r for part in parts for r in part["rows"]]
+        rows, superseded = [], []
+        for part in parts:  # a later part's row of the same model and method replaces an earlier one (a re-measurement)
+            for r in part["rows"]:
+                old = next((i for i, o in enumerate(rows) if (o["model"], o["method"]) == (r["model"], r["method"])), None)
+                if old is not None:
+                    o = rows.pop(old)
+                    superseded.append({"model": o["model"], "method": o["method"], "peak_gb": round(o["peak_rss_mb"] / 1024, 2),
+                                       "error": o.get("error")})
+                rows.append(r)
         txt, vs = table(rows), verdicts(rows)
+        if superseded:
+            was = ["failed" if o["error"] else f"{o['peak_gb']:.2f}GB" for o in superseded]
+            txt += "\nre-measured by a later part (earlier rows dropped): " + "; ".join(
+                f"{o['model']} {o['method']} (was {w})" for o, w in zip(superseded, was))
         cmds = [part["command"] if part["command"].startswith("(") else f".venv/bin/python {part['command']}" for part in parts]
         a.out.write_text(json.dumps({"command": " && ".join(cmds), "parts": [{k: v for k, v in part.items() if k != "rows"}
-                                     for part in parts], "rows": rows, "verdicts": vs}, indent=2, default=str))
+                                     for part in parts], "rows": rows, "verdicts": vs, "superseded": superseded}, indent=2, default=str))
         a.out.with_suffix(".txt").write_text(txt + "\n" + "\n".join(json.dumps(v) for v in vs) + "\nreproduce (the parts, then "
                                              f"--merge):\n" + "\n".join(cmds) + f"\n.venv/bin/python bench/memory.py --merge {a.merge}\n")
         print(txt)
