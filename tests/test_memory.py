@@ -189,9 +189,10 @@ def test_out_of_memory_names_the_innermost_stage_and_leaves_other_errors_alone()
 
 def test_archrepair_search_split_by_the_budget_chooses_the_same_cell(one_torch_thread):
     """ArchRepair's search holds every candidate op's activations for its batch: the budget splits a search step into
-    micro-batches whose gradients add up to the whole batch's (and the localisation's gradient passes and the
-    scoring passes likewise). On the committed folded ResNet: a budget of 2 MB per pass (4 images at a time) and the
-    default (the whole batch of 64) pick the same block and cell, with the same alphas and losses to float rounding."""
+    micro-batches whose gradients add up to the whole batch's (and the localisation's gradient passes, the scoring
+    passes and the discrete cell's fine-tuning likewise). On the committed folded ResNet: a budget of 2 MB per pass
+    (a few images at a time) and the default (the whole batch of 64) pick the same block and cell, with the same
+    alphas and losses to float rounding."""
     from test_archrepair import RESNET, _inputs, _run
 
     outs = {}
@@ -203,6 +204,7 @@ def test_archrepair_search_split_by_the_budget_chooses_the_same_cell(one_torch_t
     a, b = outs["default"], outs["tight"]
     assert a["passes"]["search_micro_batch"] == 64 and a["passes"]["localise_batch"] == 256  # nothing split
     assert b["passes"]["search_micro_batch"] <= 8 and b["passes"]["localise_batch"] <= 16 and b["passes"]["search_eval_batch"] <= 8
+    assert a["passes"]["finetune_micro_batch"] == 64 and b["passes"]["finetune_micro_batch"] <= 16
     assert a["chosen_block"] == b["chosen_block"]
     assert [r["score"] for r in a["ranking"]] == pytest.approx([r["score"] for r in b["ranking"]], rel=1e-4)
     assert [(e["edge"], e["op"]) for e in a["edges"]] == [(e["edge"], e["op"]) for e in b["edges"]]
@@ -211,5 +213,7 @@ def test_archrepair_search_split_by_the_budget_chooses_the_same_cell(one_torch_t
     for ra, rb in zip(a["history"]["search"], b["history"]["search"]):
         assert ra.get("loss", 0) == pytest.approx(rb.get("loss", 0), rel=1e-4)
         assert (ra["calib_clean"], ra["calib_corrupted"]) == (rb["calib_clean"], rb["calib_corrupted"])
+    for ra, rb in zip(a["history"]["finetune"], b["history"]["finetune"]):  # the discrete cell's fine-tuning, split too
+        assert ra.get("loss", 0) == pytest.approx(rb.get("loss", 0), rel=1e-4)
     assert a["calib_accuracy"] == pytest.approx(b["calib_accuracy"], abs=1e-9)
     assert a["finetune_best_epoch"] == b["finetune_best_epoch"]

@@ -90,12 +90,12 @@ Choices the paper does not pin down (all measured by ``bench/archrepair.py``):
   the original candidate on ``x -> output``, and the ops left out are listed in ``info["ops_left_out"]``.
 
 Memory (issue 19): the relaxed cell runs every candidate op of every edge and autograd keeps all their activations,
-so a search step is split into micro-batches sized by the repair's budget (:mod:`onnxrepair.memory`; per image: the
-tensors autograd saves on a pass of two repair images, plus the model's live activations) whose gradients add up
-to the whole batch's (:func:`_backward`); the cross-entropy and distillation batches are back-propagated one after
-the other, so even an unsplit step holds one of them at a time. The localisation's gradient passes and the search's
-scoring passes are sized the same way. The split changes no result beyond float rounding (``tests/test_memory.py``);
-``info["passes"]`` says how the budget split them.
+so a search step is split into micro-batches sized by the repair's budget (:mod:`onnxrepair.memory`; per image:
+twice the tensors autograd saves on a pass of two repair images, plus the model's live activations) whose gradients
+add up to the whole batch's (:func:`_backward`); the cross-entropy and distillation batches are back-propagated one
+after the other, so even an unsplit step holds one of them at a time. The discrete cell's fine-tuning steps, the
+localisation's gradient passes and the scoring passes are sized the same way. The split changes no result beyond
+float rounding (``tests/test_memory.py``); ``info["passes"]`` says how the budget split them.
 
 Every op exports to standard ONNX: Conv (grouped for depthwise), Relu, MaxPool, AveragePool, Add, Mul (the kept
 alpha scale of an op without a final conv); the "none" op is never exported (its edge is dropped at discretisation).
@@ -627,7 +627,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     o_clean, o_corr = _acc(orig_runner, orig_runner.cache(c_clean, cy)), _acc(orig_runner, orig_runner.cache(c_corr, cy))
     search_only_original = set(cfg.ops) <= {ORIGINAL}
     search_best, search_sizes = 0, [0, 0]
-    micro = eval_batch = 0
+    micro = eval_batch = ft_micro = 0
     history: dict[str, list] = {"search": [], "finetune": []}
     edges_report: list[dict] = []
     skipped: dict[str, str] = {}
@@ -670,9 +670,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
             _backward(relaxed_runner, ab, kd_iter, cfg.kd, kind, micro)  # first-order DARTS: alpha on the held-out half
             distributed.sync_grads(alphas, len(ab))  # under torchrun: this rank's slice of ab; the step sees all of it
             opt_a.step()
-            for p in w_params:
-                p.grad = None
-            return _as_loss(_backward(relaxed_runner, wb, kd_iter, cfg.kd, kind, micro), w_params)
+            return _as_loss(relaxed_runner, wb, kd_iter, cfg.kd, kind, micro, w_params)
 
         grads = _OpGrads(cell_mod)
 
@@ -704,13 +702,14 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     kd_iter = _cycle(kd_set, cfg.batch_size, inputs.seed * 1000 + 950) if kd_set is not None else None
     cell_params = [p for p in getattr(model, CELL_NAME).parameters()]
     if cell_params and cfg.finetune_epochs > 0:
+        ft_micro, ft_eval = _search_passes(mem, runner, rep, cfg, kind, cost, "archrepair fine-tune")
         opt = torch.optim.SGD(cell_params, lr=cfg.ft_lr or cfg.lr, momentum=0.9, weight_decay=5e-4)
 
         def ft_score(epoch: int):
-            return _preferring_clean(_acc(runner, cal_clean), _acc(runner, cal_corr), o_clean, cfg.max_clean_drop)
+            return _preferring_clean(_acc(runner, cal_clean, ft_eval), _acc(runner, cal_corr, ft_eval), o_clean, cfg.max_clean_drop)
 
         res = train_loop(model, opt, lambda e: _batches(rep, cfg.batch_size, inputs.seed * 1000 + 77 + e),
-                         lambda b, s: _loss(runner, b, kd_iter, cfg.kd, kind), epochs=cfg.finetune_epochs,
+                         lambda b, s: _as_loss(runner, b, kd_iter, cfg.kd, kind, ft_micro, cell_params), epochs=cfg.finetune_epochs,
                          n_batches=-(-len(rep) // cfg.batch_size), score=ft_score, keep="best",
                          state_keys=lambda k: k.startswith(CELL_NAME + "."), batch_len=len, progress=inputs.progress, label="archrepair fine-tune")
         history["finetune"] = res.history
@@ -740,7 +739,8 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         "search_images": {"weights": search_sizes[0], "alpha": search_sizes[1]},
         # how the budget split the passes (the results do not depend on it; per-stage figures: the report's "memory")
         "passes": {"localise_batch": grad_batch, "search_micro_batch": micro if not search_only_original else None,
-                   "search_eval_batch": eval_batch if not search_only_original else None, "budget_mb": round(mem.limit / 2**20, 1)},
+                   "search_eval_batch": eval_batch if not search_only_original else None, "finetune_micro_batch": ft_micro or None,
+                   "budget_mb": round(mem.limit / 2**20, 1)},
         "kd": cfg.kd,
         "ops_left_out": skipped,
         "repair_data": data["counts"],
@@ -801,11 +801,14 @@ def _backward(run: Runner, b: Cached, kd_iter, kd: float, kind: str, micro: int)
     return total
 
 
-def _as_loss(value: float, params: list[nn.Parameter]) -> torch.Tensor:
-    """A loss for :func:`onnxrepair.train.train_loop` (which zeroes the gradients, then calls backward) whose value is
-    ``value`` and whose gradient is what ``params`` hold now in ``.grad`` (taken out of them): the search's
-    micro-batched gradient goes through the one training loop unchanged. ``(p - p.detach())`` is exactly 0, so
-    the value is exact, and its gradient times g is g exactly."""
+def _as_loss(run: Runner, b: Cached, kd_iter, kd: float, kind: str, micro: int, params: list[nn.Parameter]) -> torch.Tensor:
+    """:func:`_backward` as a loss for :func:`onnxrepair.train.train_loop` (which zeroes the gradients, then calls
+    backward): its value is the loss and its gradient what :func:`_backward` left in ``params``' ``.grad`` (taken out
+    of them), so a micro-batched gradient goes through the one training loop unchanged. ``(p - p.detach())`` is
+    exactly 0, so the value is exact, and its gradient times g is g exactly."""
+    for p in params:
+        p.grad = None
+    value = _backward(run, b, kd_iter, kd, kind, micro)
     loss = torch.tensor(value, requires_grad=True)  # a leaf, so backward runs even when no weight got a gradient
     for p in params:
         if p.grad is not None:
@@ -814,12 +817,14 @@ def _as_loss(value: float, params: list[nn.Parameter]) -> torch.Tensor:
     return loss
 
 
-def _search_passes(mem, run: Runner, rep: Cached, cfg: ArchRepairConfig, kind: str, cost) -> tuple[int, int]:
-    """(images per search pass, images per scoring pass) within the memory budget. The relaxed cell runs every
-    candidate op of every edge, and autograd keeps all their activations: measured per image by counting the
+def _search_passes(mem, run: Runner, rep: Cached, cfg: ArchRepairConfig, kind: str, cost, stage: str = "archrepair search") -> tuple[int, int]:
+    """(images per training pass, images per scoring pass) of ``run``'s cell within the memory budget. The relaxed
+    cell runs every candidate op of every edge, and autograd keeps all their activations: counted per image as the
     batch-sized tensors autograd saves (storage-deduplicated, weights excluded) on a pass of two repair images,
-    plus the model's live activations per image (``cost``). A search step then holds at most that many images
-    (:func:`_backward`), and the calibration scoring passes as many (an upper bound of inference)."""
+    twice (backward holds a gradient beside each of them: every candidate op's output gradient while its inputs are
+    still saved; measured on the full-width CIFAR ResNet-18's search, 30 MB a image against 13 MB saved), plus the
+    model's live activations per image (``cost``). A step then holds at most that many images (:func:`_backward`),
+    and the calibration scoring passes as many (an upper bound of inference)."""
     two = rep.take(torch.arange(min(2, len(rep))))
     k = max(len(two), 1)
     weights = {p.untyped_storage().data_ptr() for p in run.gm.parameters()}
@@ -834,9 +839,9 @@ def _search_passes(mem, run: Runner, rep: Cached, cfg: ArchRepairConfig, kind: s
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _ce(run(two), two.y, kind)
-    per_image = sum(seen.values()) // k + cost.peak_live
-    micro = mem.fit("archrepair search", per_image, cfg.batch_size, what="image")
-    return micro, mem.fit("archrepair search scoring", per_image, 512, what="image")
+    per_image = 2 * sum(seen.values()) // k + cost.peak_live
+    micro = mem.fit(stage, per_image, cfg.batch_size, what="image")
+    return micro, mem.fit(f"{stage} scoring", per_image, 512, what="image")
 
 
 class _OpGrads:
