@@ -823,8 +823,10 @@ def _search_passes(mem, run: Runner, rep: Cached, cfg: ArchRepairConfig, kind: s
     batch-sized tensors autograd saves (storage-deduplicated, weights excluded) on a pass of two repair images,
     twice (backward holds a gradient beside each of them: every candidate op's output gradient while its inputs are
     still saved; measured on the full-width CIFAR ResNet-18's search, 30 MB a image against 13 MB saved), plus the
-    model's live activations per image (``cost``). A step then holds at most that many images (:func:`_backward`),
-    and the calibration scoring passes as many (an upper bound of inference)."""
+    model's live activations per image (``cost``). A step then holds at most as many images as fit the budget's
+    pass, and never more than a fine-tuning batch of the whole model would hold (``batch_size`` x ``cost``'s saved
+    and live bytes: on the small CIFAR ResNets the budget's 1 GB pass alone left ArchRepair at 1.8x fine-tuning's
+    peak) (:func:`_backward`); the calibration scoring passes as many (an upper bound of inference)."""
     two = rep.take(torch.arange(min(2, len(rep))))
     k = max(len(two), 1)
     weights = {p.untyped_storage().data_ptr() for p in run.gm.parameters()}
@@ -840,8 +842,9 @@ def _search_passes(mem, run: Runner, rep: Cached, cfg: ArchRepairConfig, kind: s
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _ce(run(two), two.y, kind)
     per_image = 2 * sum(seen.values()) // k + cost.peak_live
-    micro = mem.fit(stage, per_image, cfg.batch_size, what="image")
-    return micro, mem.fit(f"{stage} scoring", per_image, 512, what="image")
+    as_finetuning = max(1, cfg.batch_size * (cost.saved + cost.peak_live) // max(per_image, 1))
+    micro = mem.fit(stage, per_image, min(cfg.batch_size, as_finetuning), what="image")
+    return micro, mem.fit(f"{stage} scoring", per_image, min(512, max(as_finetuning, cfg.batch_size)), what="image")
 
 
 class _OpGrads:
