@@ -232,8 +232,14 @@ def method_increase_mb(r: dict) -> float | None:
     return None if st is None else max(0.0, st["stage_peak_mb"] - st["rss_start_mb"])
 
 
-def _baselines(rows: list[dict]) -> dict[str, dict]:
-    return {r["model"]: r for r in rows if "error" not in r and not r.get("variant") and r["method"] == BASELINE[r.get("kind", "image")]}
+def _baselines(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """{(model, variant): its plain fine-tuning row}; a variant without its own (e.g. every-conv) uses the model's."""
+    return {(r["model"], r.get("variant") or ""): r for r in rows
+            if "error" not in r and r["method"].split("/")[0] == BASELINE[r.get("kind", "image")]}
+
+
+def _baseline(base: dict, r: dict) -> dict | None:
+    return base.get((r["model"], r.get("variant") or "")) or base.get((r["model"], ""))
 
 
 def table(rows: list[dict]) -> str:
@@ -246,7 +252,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{r['model']:<19} {'':>7} {r['method']:<21} {r['peak_rss_mb'] / 1024:>6.2f}GB  failed (exit {r.get('exit_code')}): "
                          f"{' '.join(r['error'])[:160]}")
             continue
-        b = base.get(r["model"])
+        b = _baseline(base, r)
         ratio = f"{r['peak_rss_mb'] / b['peak_rss_mb']:.2f}x" if b else "-"
         inc, binc = method_increase_mb(r), (method_increase_mb(b) if b else None)
         iratio = f"{inc / binc:.2f}x" if inc is not None and binc else "-"
@@ -272,7 +278,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
             out.append({"model": r["model"], "method": r["method"], "failed": True, "exit_code": r.get("exit_code"), "error": r["error"]})
             continue
         v = {"model": r["model"], "method": r["method"], "peak_gb": round(r["peak_rss_mb"] / 1024, 2)}
-        b = base.get(r["model"])
+        b = _baseline(base, r)
         if b and r is not b:
             v["ratio_to_finetune"] = round(r["peak_rss_mb"] / b["peak_rss_mb"], 2)
             v["ratio_met"] = v["ratio_to_finetune"] <= TARGET_RATIO
