@@ -150,6 +150,10 @@ def child(spec: dict) -> dict:
 
         convs = [n.name for n, _ in conv_nodes(converters.convert(spec["model"]).gm)]
         opts["exclude"] = ",".join(convs[spec["assess_convs"]:]) or "none"
+    if spec.get("skip_latency"):  # the judge's latency timing (64-row batches, 23 calls per file): time, not memory
+        import onnxrepair.runtime as rt
+
+        rt.latency_comparison = lambda *a, **k: {"skipped": "bench/memory.py --skip-latency"}
     prep = stages.prepare(spec["model"], spec["method"], train, splits=(train, calib, heldout), contract=contract, options=opts,
                           device="cpu", seed=0, max_memory=spec.get("max_memory"))
     out = stages.run(prep)
@@ -228,8 +232,14 @@ def method_increase_mb(r: dict) -> float | None:
     return None if st is None else max(0.0, st["stage_peak_mb"] - st["rss_start_mb"])
 
 
-def _baselines(rows: list[dict]) -> dict[str, dict]:
-    return {r["model"]: r for r in rows if "error" not in r and not r.get("variant") and r["method"] == BASELINE[r.get("kind", "image")]}
+def _baselines(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """{(model, variant): its plain fine-tuning row}; a variant without its own (e.g. every-conv) uses the model's."""
+    return {(r["model"], r.get("variant") or ""): r for r in rows
+            if "error" not in r and r["method"].split("/")[0] == BASELINE[r.get("kind", "image")]}
+
+
+def _baseline(base: dict, r: dict) -> dict | None:
+    return base.get((r["model"], r.get("variant") or "")) or base.get((r["model"], ""))
 
 
 def table(rows: list[dict]) -> str:
@@ -242,7 +252,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{r['model']:<19} {'':>7} {r['method']:<21} {r['peak_rss_mb'] / 1024:>6.2f}GB  failed (exit {r.get('exit_code')}): "
                          f"{' '.join(r['error'])[:160]}")
             continue
-        b = base.get(r["model"])
+        b = _baseline(base, r)
         ratio = f"{r['peak_rss_mb'] / b['peak_rss_mb']:.2f}x" if b else "-"
         inc, binc = method_increase_mb(r), (method_increase_mb(b) if b else None)
         iratio = f"{inc / binc:.2f}x" if inc is not None and binc else "-"
@@ -268,7 +278,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
             out.append({"model": r["model"], "method": r["method"], "failed": True, "exit_code": r.get("exit_code"), "error": r["error"]})
             continue
         v = {"model": r["model"], "method": r["method"], "peak_gb": round(r["peak_rss_mb"] / 1024, 2)}
-        b = base.get(r["model"])
+        b = _baseline(base, r)
         if b and r is not b:
             v["ratio_to_finetune"] = round(r["peak_rss_mb"] / b["peak_rss_mb"], 2)
             v["ratio_met"] = v["ratio_to_finetune"] <= TARGET_RATIO
@@ -366,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r50-assess-convs", type=int, default=1, help="the same on resnet50_224 (default: the stem only; every conv "
                     "is ~26,000 filters)")
     ap.add_argument("--assess-samples", type=int, default=8, help="DeepPatch: images per assessment")
+    ap.add_argument("--skip-latency", action="store_true", help="skip the judge's latency comparison of the two files (64-row "
+                    "batches, 23 calls each: ~10 min per ResNet-50 run on shared cores; it measures time, not memory)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "memory.json")
     ap.add_argument("--replot", type=Path, default=None, help="redraw the plot and table from a results JSON and exit")
@@ -389,11 +401,23 @@ def main(argv: list[str] | None = None) -> int:
                     r["method"] = f"{r['method']}/{label}"
                     r["variant"] = label
             parts.append(part)
-        rows = [r for part in parts for r in part["rows"]]
+        rows, superseded = [], []
+        for part in parts:  # a later part's row of the same model and method replaces an earlier one (a re-measurement)
+            for r in part["rows"]:
+                old = next((i for i, o in enumerate(rows) if (o["model"], o["method"]) == (r["model"], r["method"])), None)
+                if old is not None:
+                    o = rows.pop(old)
+                    superseded.append({"model": o["model"], "method": o["method"], "peak_gb": round(o["peak_rss_mb"] / 1024, 2),
+                                       "error": o.get("error")})
+                rows.append(r)
         txt, vs = table(rows), verdicts(rows)
+        if superseded:
+            was = ["failed" if o["error"] else f"{o['peak_gb']:.2f}GB" for o in superseded]
+            txt += "\nre-measured by a later part (earlier rows dropped): " + "; ".join(
+                f"{o['model']} {o['method']} (was {w})" for o, w in zip(superseded, was))
         cmds = [part["command"] if part["command"].startswith("(") else f".venv/bin/python {part['command']}" for part in parts]
         a.out.write_text(json.dumps({"command": " && ".join(cmds), "parts": [{k: v for k, v in part.items() if k != "rows"}
-                                     for part in parts], "rows": rows, "verdicts": vs}, indent=2, default=str))
+                                     for part in parts], "rows": rows, "verdicts": vs, "superseded": superseded}, indent=2, default=str))
         a.out.with_suffix(".txt").write_text(txt + "\n" + "\n".join(json.dumps(v) for v in vs) + "\nreproduce (the parts, then "
                                              f"--merge):\n" + "\n".join(cmds) + f"\n.venv/bin/python bench/memory.py --merge {a.merge}\n")
         print(txt)
@@ -427,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"model": made[model]["model"], "method": method, "options": opts, "epochs": a.epochs, "data": made[model]["data"],
                     "max_memory": a.max_memory, "threads": a.threads or None,
                     "assess_convs": (a.r50_assess_convs if r50 else a.assess_convs) if method == "deeppatch" else 0,
-                    "batch_size": a.r50_batch_size if r50 else None, "eval_corruptions": EVAL_CORRUPTIONS}
+                    "batch_size": a.r50_batch_size if r50 else None, "eval_corruptions": EVAL_CORRUPTIONS,
+                    "skip_latency": a.skip_latency}
             print(f"... {model} {method}", file=sys.stderr, flush=True)
             rows.append(run_child(spec))
             with open(a.out.with_suffix(".partial.jsonl"), "a") as f:  # a run stopped part-way keeps what it measured

@@ -39,3 +39,18 @@ def test_the_bench_parent_imports_no_torch():
     code = "import sys; sys.path.insert(0, 'bench'); import memory; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_merge_lets_a_later_part_re_measure_a_row(tmp_path):
+    import json
+
+    first = {"command": "bench/memory.py a", "rows": [_row("m", "finetune", 1000, 900, 1100), _row("m", "archrepair", 3000, 900, 2900)]}
+    second = {"command": "bench/memory.py b", "rows": [_row("m", "archrepair", 1400, 900, 1300)]}
+    for name, part in (("a", first), ("b", second)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(part))
+    out = tmp_path / "merged.json"
+    assert bench.main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [(r["method"], r["peak_rss_mb"]) for r in merged["rows"]] == [("finetune", 1000), ("archrepair", 1400)]
+    assert merged["superseded"] == [{"model": "m", "method": "archrepair", "peak_gb": 2.93, "error": None}]
+    assert "m archrepair (was 2.93GB)" in out.with_suffix(".txt").read_text()

@@ -185,3 +185,36 @@ def test_out_of_memory_names_the_innermost_stage_and_leaves_other_errors_alone()
         with mem.stage("method"):
             mem.fit("x", 1 << 40, 1)
     assert "smallest budget that would work" in str(e2.value)
+
+
+def test_archrepair_search_split_by_the_budget_chooses_the_same_cell(one_torch_thread):
+    """ArchRepair's search holds every candidate op's activations for its batch: the budget splits a search step into
+    micro-batches whose gradients add up to the whole batch's (and the localisation's gradient passes, the scoring
+    passes and the discrete cell's fine-tuning likewise). On the committed folded ResNet: a budget of 2 MB per pass
+    (a few images at a time) and the default pick the same block and cell, with the same alphas and losses to float
+    rounding."""
+    from test_archrepair import RESNET, _inputs, _run
+
+    outs = {}
+    for name, pass_bytes in (("default", None), ("tight", 2 << 20)):
+        inputs = _inputs(RESNET)
+        if pass_bytes:
+            inputs.memory = Memory(pass_bytes=pass_bytes)
+        outs[name] = _run(inputs, search_epochs=2).info
+    a, b = outs["default"], outs["tight"]
+    # the default splits the search only down to what a fine-tuning batch of the whole model holds; the tight budget further
+    assert a["passes"]["localise_batch"] == 256 and a["passes"]["finetune_micro_batch"] == 64  # not split
+    assert b["passes"]["search_micro_batch"] <= 8 < a["passes"]["search_micro_batch"] < 64
+    assert b["passes"]["localise_batch"] <= 16 and b["passes"]["search_eval_batch"] <= 8 and b["passes"]["finetune_micro_batch"] <= 16
+    assert a["chosen_block"] == b["chosen_block"]
+    assert [r["score"] for r in a["ranking"]] == pytest.approx([r["score"] for r in b["ranking"]], rel=1e-4)
+    assert [(e["edge"], e["op"]) for e in a["edges"]] == [(e["edge"], e["op"]) for e in b["edges"]]
+    for ea, eb in zip(a["edges"], b["edges"]):
+        assert ea["alpha"] == pytest.approx(eb["alpha"], abs=2e-4), ea["edge"]
+    for ra, rb in zip(a["history"]["search"], b["history"]["search"]):
+        assert ra.get("loss", 0) == pytest.approx(rb.get("loss", 0), rel=1e-4)
+        assert (ra["calib_clean"], ra["calib_corrupted"]) == (rb["calib_clean"], rb["calib_corrupted"])
+    for ra, rb in zip(a["history"]["finetune"], b["history"]["finetune"]):  # the discrete cell's fine-tuning, split too
+        assert ra.get("loss", 0) == pytest.approx(rb.get("loss", 0), rel=1e-4)
+    assert a["calib_accuracy"] == pytest.approx(b["calib_accuracy"], abs=1e-9)
+    assert a["finetune_best_epoch"] == b["finetune_best_epoch"]

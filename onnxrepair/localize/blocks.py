@@ -297,13 +297,14 @@ def spectrum_scores(gm: fx.GraphModule, blocks: list[Block], x_fail: torch.Tenso
 
 
 def score_blocks(gm: fx.GraphModule, blocks: list[Block], x_fail: torch.Tensor, y_fail: torch.Tensor, x_pass: torch.Tensor,
-                 output_kind: str, how: str = "gradient") -> list[BlockScore]:
-    """Every block scored on the failures, highest (most to blame) first."""
+                 output_kind: str, how: str = "gradient", batch_size: int = 256) -> list[BlockScore]:
+    """Every block scored on the failures, highest (most to blame) first; the gradients in passes of ``batch_size``
+    (a memory budget's choice: the score does not depend on it)."""
     if how not in SCORES:
         raise UsageError(f"block score must be one of {', '.join(SCORES)}, not {how!r}")
     if not len(x_fail):
         return [BlockScore(b.name, 0.0, 0.0) for b in blocks]
-    grads = gradient_scores(gm, blocks, x_fail, y_fail, output_kind)
+    grads = gradient_scores(gm, blocks, x_fail, y_fail, output_kind, batch_size)
     spec = spectrum_scores(gm, blocks, x_fail, x_pass) if how == "spectrum" else [None] * len(blocks)
     rows = []
     for b, g, s in zip(blocks, grads, spec):

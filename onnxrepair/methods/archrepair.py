@@ -113,6 +113,14 @@ Choices the paper does not pin down (all measured by ``bench/archrepair.py``):
 * Ops keep the spatial size ``ceil(H / stride)``; a block that shrinks otherwise (an unpadded conv) admits only
   the original candidate on ``x -> output``, and the ops left out are listed in ``info["ops_left_out"]``.
 
+Memory (issue 19): the relaxed cell runs every candidate op of every edge and autograd keeps all their activations,
+so a search step is split into micro-batches sized by the repair's budget (:mod:`onnxrepair.memory`; per image:
+twice the tensors autograd saves on a pass of two repair images, plus the model's live activations) whose gradients
+add up to the whole batch's (:func:`_backward`); the cross-entropy and distillation batches are back-propagated one
+after the other, so even an unsplit step holds one of them at a time. The discrete cell's fine-tuning steps, the
+localisation's gradient passes and the scoring passes are sized the same way. The split changes no result beyond
+float rounding (``tests/test_memory.py``); ``info["passes"]`` says how the budget split them.
+
 Every op exports to standard ONNX: Conv (grouped for depthwise), Relu, MaxPool, AveragePool, Add, Mul (the kept
 alpha scale of an op without a final conv); the "none" op is never exported (its edge is dropped at discretisation).
 """
@@ -136,6 +144,7 @@ from ..graph.edit import region_nodes, replace_region
 from ..graph.split import ancestors, is_activation
 from ..localize.blocks import (SCORES, Block, find_blocks, gradient_scores, is_conv, pick_block, score_blocks,
                                why_no_blocks)
+from ..memory import activation_cost
 from ..nn import first_output, log_probs
 from ..perturb.mixture import PerturbSpec, perturb_all, perturb_mixture
 from ..train import split_calib, train_loop
@@ -464,12 +473,13 @@ def repair_data(inputs: RepairInputs, cfg: ArchRepairConfig, spec: PerturbSpec, 
 # --------------------------------------------------------------------------- the method
 
 
-def _layer_block(gm: fx.GraphModule, block: Block, x_fail, y_fail, output_kind: str, example: torch.Tensor) -> tuple[Block, list[dict]]:
+def _layer_block(gm: fx.GraphModule, block: Block, x_fail, y_fail, output_kind: str, example: torch.Tensor,
+                 batch_size: int = 256) -> tuple[Block, list[dict]]:
     """The block's conv with the largest mean |dL/dW| on the failures, as a one-node region."""
     nodes = {n.name: n for n in gm.graph.nodes}
     cands = [Block(c, "layer", nodes[c].all_input_nodes[0].name, c, [c], [c], _n_params(gm.get_submodule(str(nodes[c].target))))
              for c in block.convs]
-    grads = gradient_scores(gm, cands, x_fail, y_fail, output_kind) if len(x_fail) else [0.0] * len(cands)
+    grads = gradient_scores(gm, cands, x_fail, y_fail, output_kind, batch_size) if len(x_fail) else [0.0] * len(cands)
     ranking = sorted(({"layer": b.name, "gradient": g} for b, g in zip(cands, grads)), key=lambda r: -r["gradient"])
     chosen = next(b for b in cands if b.name == ranking[0]["layer"])
     from ..graph.capture import capture
@@ -625,12 +635,15 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     # 1-2: repair data and localisation
     t = time.perf_counter()
     data = repair_data(inputs, cfg, spec, train)
-    ranking = score_blocks(gm, blocks, data["x_fail"], data["y_fail"], data["x_pass"], kind, cfg.score)
+    mem = inputs.memory  # the budget sizes the gradient passes here and the search's micro-batches (Memory below)
+    cost = mem.cost if mem.cost is not None else activation_cost(gm, example)
+    grad_batch = mem.fit("archrepair localisation", cost.saved + cost.peak_live, 256, what="image")
+    ranking = score_blocks(gm, blocks, data["x_fail"], data["y_fail"], data["x_pass"], kind, cfg.score, batch_size=grad_batch)
     block = pick_block(blocks, cfg.block or ranking[0].block, gm)
     layer_ranking: list[dict] = []
     target = block
     if cfg.level == "layer":
-        target, layer_ranking = _layer_block(gm, block, data["x_fail"], data["y_fail"], kind, example)
+        target, layer_ranking = _layer_block(gm, block, data["x_fail"], data["y_fail"], kind, example, grad_batch)
     timings["localise"] = time.perf_counter() - t
 
     body, shortcut, act = decompose(gm, target)
@@ -647,6 +660,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     o_clean, o_corr = _acc(orig_runner, orig_runner.cache(c_clean, cy)), _acc(orig_runner, orig_runner.cache(c_corr, cy))
     search_only_original = set(cfg.ops) <= {ORIGINAL}
     search_best, search_sizes, search_calib_n = 0, [0, 0], 0
+    micro = eval_batch = ft_micro = 0
     history: dict[str, list] = {"search": [], "finetune": []}
     edges_report: list[dict] = []
     skipped: dict[str, str] = {}
@@ -682,6 +696,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         opt_a = torch.optim.Adam(alphas, lr=cfg.arch_lr, betas=(0.5, 0.999), weight_decay=1e-3)
         distributed.broadcast_(alphas)  # under torchrun every rank starts from rank 0's alphas (train_loop: the weights)
         kd_iter = _cycle(kd_set, cfg.batch_size, inputs.seed * 1000 + 900) if kd_set is not None else None
+        micro, eval_batch = _search_passes(mem, relaxed_runner, rep, cfg, kind, cost)
 
         def search_batches(epoch: int):
             a_iter = _cycle(a_set, cfg.batch_size, inputs.seed * 1000 + epoch + 500)
@@ -691,15 +706,16 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         def search_step(batch, step: int) -> torch.Tensor:
             wb, ab = batch
             opt_a.zero_grad(set_to_none=True)
-            _loss(relaxed_runner, ab, kd_iter, cfg.kd, kind).backward()  # first-order DARTS: alpha on the held-out half
+            _backward(relaxed_runner, ab, kd_iter, cfg.kd, kind, micro)  # first-order DARTS: alpha on the held-out half
             distributed.sync_grads(alphas, len(ab))  # under torchrun: this rank's slice of ab; the step sees all of it
             opt_a.step()
-            return _loss(relaxed_runner, wb, kd_iter, cfg.kd, kind)
+            return _as_loss(relaxed_runner, wb, kd_iter, cfg.kd, kind, micro, w_params)
 
         grads = _OpGrads(cell_mod)
 
         def search_score(epoch: int):
-            value, info = _preferring_clean(_acc(relaxed_runner, cal_clean), _acc(relaxed_runner, cal_corr), o_search, cfg.max_clean_drop, len(sc))
+            value, info = _preferring_clean(_acc(relaxed_runner, cal_clean, eval_batch), _acc(relaxed_runner, cal_corr, eval_batch), o_search,
+                                            cfg.max_clean_drop, len(sc))
             info["alpha"] = {f"{i}->{j}": {n: round(float(v), 3) for n, v in zip(cell_mod.edges[k].names, torch.softmax(cell_mod.alphas[k].detach(), 0))}
                              for k, (i, j) in enumerate(cell_mod.keys)}
             info["op_grad"] = grads.take()
@@ -725,13 +741,14 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     kd_iter = _cycle(kd_set, cfg.batch_size, inputs.seed * 1000 + 950) if kd_set is not None else None
     cell_params = [p for p in getattr(model, CELL_NAME).parameters()]
     if cell_params and cfg.finetune_epochs > 0:
+        ft_micro, ft_eval = _search_passes(mem, runner, rep, cfg, kind, cost, "archrepair fine-tune")
         opt = torch.optim.SGD(cell_params, lr=cfg.ft_lr or cfg.lr, momentum=0.9, weight_decay=5e-4)
 
         def ft_score(epoch: int):
-            return _preferring_clean(_acc(runner, cal_clean), _acc(runner, cal_corr), o_clean, cfg.max_clean_drop, len(cy))
+            return _preferring_clean(_acc(runner, cal_clean, ft_eval), _acc(runner, cal_corr, ft_eval), o_clean, cfg.max_clean_drop, len(cy))
 
         res = train_loop(model, opt, lambda e: _batches(rep, cfg.batch_size, inputs.seed * 1000 + 77 + e),
-                         lambda b, s: _loss(runner, b, kd_iter, cfg.kd, kind), epochs=cfg.finetune_epochs,
+                         lambda b, s: _as_loss(runner, b, kd_iter, cfg.kd, kind, ft_micro, cell_params), epochs=cfg.finetune_epochs,
                          n_batches=-(-len(rep) // cfg.batch_size), score=ft_score, keep="best",
                          state_keys=lambda k: k.startswith(CELL_NAME + "."), batch_len=len, progress=inputs.progress, label="archrepair fine-tune")
         history["finetune"] = res.history
@@ -760,6 +777,10 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         "search_best_epoch": search_best,
         "search_images": {"weights": search_sizes[0], "alpha": search_sizes[1]},
         "search_calib_images": search_calib_n,
+        # how the budget split the passes (the results do not depend on it; per-stage figures: the report's "memory")
+        "passes": {"localise_batch": grad_batch, "search_micro_batch": micro if not search_only_original else None,
+                   "search_eval_batch": eval_batch if not search_only_original else None, "finetune_micro_batch": ft_micro or None,
+                   "budget_mb": round(mem.limit / 2**20, 1)},
         "kd": cfg.kd,
         "ops_left_out": skipped,
         "repair_data": data["counts"],
@@ -801,6 +822,69 @@ def _loss(run: Runner, b: Cached, kd_iter, kd: float, kind: str) -> torch.Tensor
         kb = next(kd_iter)
         loss = loss + kd * _kd(run(kb), kb.y, kind)
     return loss
+
+
+def _backward(run: Runner, b: Cached, kd_iter, kd: float, kind: str, micro: int) -> float:
+    """``_loss(run, b, kd_iter, kd, kind).backward()`` in passes of at most ``micro`` images (the cross-entropy batch
+    and the distillation batch each split, every part's mean weighted by its share), so the gradients are the
+    whole batch's, to float rounding, while autograd holds one part's activations at a time; returns the loss."""
+    kb = next(kd_iter) if kd_iter is not None and kd > 0 else None
+    terms = [(b, lambda out, d: _ce(out, d.y, kind))] + ([(kb, lambda out, d: kd * _kd(out, d.y, kind))] if kb is not None else [])
+    total = 0.0
+    for d, term in terms:
+        n = len(d)
+        for i in range(0, n, micro):
+            part = d if micro >= n else d.take(torch.arange(i, min(i + micro, n)))
+            loss = term(run(part), part) * (len(part) / n)
+            loss.backward()
+            total += float(loss.detach())
+    return total
+
+
+def _as_loss(run: Runner, b: Cached, kd_iter, kd: float, kind: str, micro: int, params: list[nn.Parameter]) -> torch.Tensor:
+    """:func:`_backward` as a loss for :func:`onnxrepair.train.train_loop` (which zeroes the gradients, then calls
+    backward): its value is the loss and its gradient what :func:`_backward` left in ``params``' ``.grad`` (taken out
+    of them), so a micro-batched gradient goes through the one training loop unchanged. ``(p - p.detach())`` is
+    exactly 0, so the value is exact, and its gradient times g is g exactly."""
+    for p in params:
+        p.grad = None
+    value = _backward(run, b, kd_iter, kd, kind, micro)
+    loss = torch.tensor(value, requires_grad=True)  # a leaf, so backward runs even when no weight got a gradient
+    for p in params:
+        if p.grad is not None:
+            g, p.grad = p.grad, None
+            loss = loss + ((p - p.detach()) * g).sum()
+    return loss
+
+
+def _search_passes(mem, run: Runner, rep: Cached, cfg: ArchRepairConfig, kind: str, cost, stage: str = "archrepair search") -> tuple[int, int]:
+    """(images per training pass, images per scoring pass) of ``run``'s cell within the memory budget. The relaxed
+    cell runs every candidate op of every edge, and autograd keeps all their activations: counted per image as the
+    batch-sized tensors autograd saves (storage-deduplicated, weights excluded) on a pass of two repair images,
+    twice (backward holds a gradient beside each of them: every candidate op's output gradient while its inputs are
+    still saved; measured on the full-width CIFAR ResNet-18's search, 30 MB a image against 13 MB saved), plus the
+    model's live activations per image (``cost``). A step then holds at most as many images as fit the budget's
+    pass, and never more than a fine-tuning batch of the whole model would hold (``batch_size`` x ``cost``'s saved
+    and live bytes: on the small CIFAR ResNets the budget's 1 GB pass alone left ArchRepair at 1.8x fine-tuning's
+    peak) (:func:`_backward`); the calibration scoring passes as many (an upper bound of inference)."""
+    two = rep.take(torch.arange(min(2, len(rep))))
+    k = max(len(two), 1)
+    weights = {p.untyped_storage().data_ptr() for p in run.gm.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.ndim and t.shape[0] == k and t.device.type != "meta":
+            st = t.untyped_storage()
+            if st.data_ptr() not in weights:
+                seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _ce(run(two), two.y, kind)
+    per_image = 2 * sum(seen.values()) // k + cost.peak_live
+    as_finetuning = max(1, cfg.batch_size * (cost.saved + cost.peak_live) // max(per_image, 1))
+    micro = mem.fit(stage, per_image, min(cfg.batch_size, as_finetuning), what="image")
+    return micro, mem.fit(f"{stage} scoring", per_image, min(512, max(as_finetuning, cfg.batch_size)), what="image")
 
 
 class _OpGrads:
