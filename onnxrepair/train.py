@@ -98,6 +98,26 @@ Batch = Any
 Score = Callable[[int], "tuple[float | None, dict[str, Any]]"]  # epoch -> (value, higher is better; None = not eligible), info
 
 
+def _take_rows(batch: Batch, lo: int, hi: int) -> Batch:
+    """Rows ``lo:hi`` of a batch: a tensor, or a tuple/list of them (other members are passed as they are)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_take_rows(b, lo, hi) if isinstance(b, torch.Tensor) else b for b in batch)
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__} into micro-batches")
+
+
+def micro_rows(memory, stage: str, views: int, batch_size: int) -> int:
+    """Rows per training pass for a step whose every row goes through the model ``views`` times (AugMix: clean and two
+    views): at most what fits ``memory``'s pass (its measured per-sample activation cost times ``views``), and never more
+    rows than hold what one fine-tuning batch of ``batch_size`` holds (``batch_size // views``); 0 (no split) when the
+    budget has no activation cost to go by."""
+    cost = getattr(memory, "cost", None)
+    if memory is None or cost is None or views <= 1:
+        return 0
+    return memory.fit(stage, views * (cost.saved + cost.peak_live), max(1, batch_size // views), what="image")
+
+
 def train_loop(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -119,6 +139,7 @@ def train_loop(
     progress: Reporter = SILENT,
     label: str = "train",
     patience: int = 0,
+    micro_batch: int = 0,
 ) -> TrainResult:
     """The one training loop every method and baseline runs.
 
@@ -144,6 +165,11 @@ def train_loop(
     whole batch. ``step_loss`` must be a mean over the slice's samples (or rows' weights) for that to hold. The
     optimiser's parameters start from rank 0's values; the epoch score is rank 0's, so every rank keeps the same
     checkpoint. Without a process group, ``prepare`` just runs before ``step_loss``.
+
+    ``micro_batch`` > 0 (a memory budget's choice, :func:`micro_rows`): ``step_loss`` runs on parts of at most that many
+    rows of this rank's batch, each part's mean weighted by its share and back-propagated before the next part runs,
+    so autograd holds one part's activations at a time and the step is the whole batch's to float rounding. Not in
+    ``train_mode``, where BatchNorm's batch statistics would change with the split.
     """
     if keep not in ("best", "last"):
         raise ValueError(f"keep must be best or last, not {keep!r}")
@@ -190,9 +216,18 @@ def train_loop(
                     batch = prepare(batch, step)
                 n = batch_len(batch)  # the global batch
                 local = distributed.shard(batch) if dist_on else batch
-                loss = step_loss(local, step)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                m = batch_len(local)
+                if micro_batch <= 0 or train_mode or m <= micro_batch:
+                    loss = step_loss(local, step)
+                    loss.backward()
+                else:  # parts of the batch, each back-propagated alone; their weighted means add up to the batch's
+                    loss = torch.zeros(())
+                    for lo in range(0, m, micro_batch):
+                        hi = min(lo + micro_batch, m)
+                        part = step_loss(_take_rows(local, lo, hi), step) * ((hi - lo) / m)
+                        part.backward()
+                        loss = loss + part.detach()
                 share = 1.0
                 if dist_on:
                     share = distributed.sync_grads(params, weight_of(local))
@@ -252,6 +287,7 @@ def fit(
     augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     max_clean_drop: float = 100.0,
     patience: int = 0,
+    micro_batch: int = 0,
 ) -> TrainResult:
     """:func:`train_loop` with SGD over labelled images: ``batch_loss(x, y, step)``; ``model`` ends holding
     the checkpoint with the best ``score()["mixed"]`` (epoch 0, the original, competes too), in eval mode.
@@ -283,7 +319,7 @@ def fit(
     res = train_loop(model, opt, batches, lambda b, step: batch_loss(b[0], b[1], step), epochs=epochs,
                      n_batches=(len(train) + batch_size - 1) // batch_size, score=scored, keep="best",
                      train_mode=train_mode, state_keys=state_filter, prepare=prepare, progress=progress,
-                     patience=patience)
+                     patience=patience, micro_batch=micro_batch)
     for row in res.history:  # the history speaks of the calibration score's own keys
         row.pop("score", None)
     return res

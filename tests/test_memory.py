@@ -15,7 +15,7 @@ from conftest import FIXTURES, fixture_path
 
 from onnxrepair.cli import main
 from onnxrepair.data import load_dataset
-from onnxrepair.memory import MiB, Memory, MemoryBudgetError, activation_cost, format_size, parse_size, rss_bytes
+from onnxrepair.memory import PASS_BYTES, MiB, Memory, MemoryBudgetError, activation_cost, format_size, parse_size, rss_bytes
 from onnxrepair.repair import prepare, run, split_data
 
 MODEL = fixture_path("torch_resnet_bn_legacy17")
@@ -218,3 +218,36 @@ def test_archrepair_search_split_by_the_budget_chooses_the_same_cell(one_torch_t
         assert ra.get("loss", 0) == pytest.approx(rb.get("loss", 0), rel=1e-4)
     assert a["calib_accuracy"] == pytest.approx(b["calib_accuracy"], abs=1e-9)
     assert a["finetune_best_epoch"] == b["finetune_best_epoch"]
+
+
+def test_augmix_step_split_by_the_budget_is_the_same_update(one_torch_thread):
+    """AugMix's step sends three views of every row through the model, so it holds three times a fine-tuning batch:
+    the budget splits it (train_loop's micro_batch) into parts whose weighted gradients add up to the whole batch's.
+    On the committed ResNet fixture: a step never holds more rows than a third of the batch by default, a tight pass
+    splits further, and the trained weights and loss history match the unsplit run's to float rounding."""
+    from test_archrepair import RESNET, _inputs
+
+    from onnxrepair import methods
+
+    spec = methods.get("augmix")
+    cfg = methods.make_config(spec, {"epochs": "2", "batch-size": "32", "lr": "0.01"})
+    outs = {}
+    for name, pass_bytes in (("unsplit", None), ("default", PASS_BYTES), ("tight", 2 << 20)):
+        inputs = _inputs(RESNET, n=200)
+        if pass_bytes is not None:
+            inputs.memory = Memory(pass_bytes=pass_bytes)
+            inputs.memory.cost = activation_cost(inputs.model, inputs.contract.to_model(inputs.contract.to_unit(inputs.train.x[:2])))
+        else:
+            inputs.memory = None
+        outs[name] = spec.fn(inputs, cfg)
+    assert outs["unsplit"].info["micro_batch"] is None
+    assert outs["default"].info["micro_batch"] == 32 // 3
+    assert 1 <= outs["tight"].info["micro_batch"] < 32 // 3
+    ref = outs["unsplit"].model.state_dict()
+    for name in ("default", "tight"):
+        got = outs[name].model.state_dict()
+        for k, v in ref.items():
+            assert torch.allclose(v, got[k], rtol=1e-4, atol=1e-5), (name, k)
+        for ra, rb in zip(outs["unsplit"].info["history"], outs[name].info["history"]):
+            assert ra.get("loss", 0) == pytest.approx(rb.get("loss", 0), rel=1e-4)
+    assert outs["default"].info["best_epoch"] == outs["unsplit"].info["best_epoch"]

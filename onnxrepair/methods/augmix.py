@@ -39,7 +39,8 @@ from ..nn import first_output, log_probs
 from ..perturb.augment import DEFAULT_AUGMIX_OPS, augmix, resolve_ops
 from ..perturb.blur import DEEPPATCH_SIGMAS
 from ..perturb.mixture import PerturbSpec
-from ..train import SGDSettings, calib_score, fit_all_weights, make_calib, peer_info, require_labelled_images, split_calib, trainable_copy
+from ..train import (SGDSettings, calib_score, fit_all_weights, make_calib, micro_rows, peer_info, require_labelled_images, split_calib,
+                     trainable_copy)
 from . import MethodOutput, RepairInputs, register
 
 AUGMIX_PAPER = "Hendrycks et al., AugMix: A Simple Data Processing Method to Improve Robustness and Uncertainty, ICLR 2020"
@@ -102,13 +103,17 @@ def augmix_method(inputs: RepairInputs, cfg: AugMixConfig) -> MethodOutput:
     def score() -> dict[str, float]:
         return calib_score(model, calib)
 
+    # the three views triple what a step holds: the budget splits the step into parts of at most a fine-tuning batch's
+    # worth (the same update to float rounding; train_loop's micro_batch)
+    micro = micro_rows(inputs.memory, "augmix training", 1 if cfg.jsd_lambda == 0 else 3, cfg.batch_size)
     best_epoch, history = fit_all_weights(
         model, params, train, batch_loss, score, contract=contract, device=dev, seed=inputs.seed,
-        progress=inputs.progress, augment=views, **cfg.sgd_kwargs(),
+        progress=inputs.progress, augment=views, micro_batch=micro, **cfg.sgd_kwargs(),
     )
     info = peer_info(names, params, best_epoch, history, "calib_perturbed", augmix={
         "ops": list(ops), "width": cfg.width, "depth": cfg.depth, "alpha": cfg.alpha,
         "max_severity": cfg.max_severity, "jsd_lambda": cfg.jsd_lambda})
+    info["micro_batch"] = micro or None
     info["calib_perturbation"] = [f"{k} {v:g}" for k, v in spec.variants]
     return MethodOutput(model=model, info=info)
 
