@@ -190,9 +190,10 @@ def test_out_of_memory_names_the_innermost_stage_and_leaves_other_errors_alone()
 def test_archrepair_search_split_by_the_budget_chooses_the_same_cell(one_torch_thread):
     """ArchRepair's search holds every candidate op's activations for its batch: the budget splits a search step into
     micro-batches whose gradients add up to the whole batch's (and the localisation's gradient passes, the scoring
-    passes and the discrete cell's fine-tuning likewise). On the committed folded ResNet: a budget of 2 MB per pass
-    (a few images at a time) and the default pick the same block and cell, with the same alphas and losses to float
-    rounding."""
+    passes and the discrete cell's fine-tuning likewise), and the data sets kept at the block's entry must fit half a
+    pass (the others run the frozen prefix again per batch). On the committed folded ResNet: a budget of 2 MB per pass
+    (a few images at a time, nothing kept at the entry) and the default pick the same block and cell, with the same
+    alphas and losses to float rounding."""
     from test_archrepair import RESNET, _inputs, _run
 
     outs = {}
@@ -206,6 +207,11 @@ def test_archrepair_search_split_by_the_budget_chooses_the_same_cell(one_torch_t
     assert a["passes"]["localise_batch"] == 256 and a["passes"]["finetune_micro_batch"] == 64  # not split
     assert b["passes"]["search_micro_batch"] <= 8 < a["passes"]["search_micro_batch"] < 64
     assert b["passes"]["localise_batch"] <= 16 and b["passes"]["search_eval_batch"] <= 8 and b["passes"]["finetune_micro_batch"] <= 16
+    # the default keeps every set at the block's entry; the tight budget (1 MB for them) only the small calibration
+    # sets: the repair and distillation sets run the prefix again per batch
+    every = ["repair", "kd", "calib_clean", "calib_corrupted"]
+    assert a["passes"]["entry_cached"] == {"search": every, "finetune": every}
+    assert b["passes"]["entry_cached"] == {"search": every[2:], "finetune": every[2:]}
     assert a["chosen_block"] == b["chosen_block"]
     assert [r["score"] for r in a["ranking"]] == pytest.approx([r["score"] for r in b["ranking"]], rel=1e-4)
     assert [(e["edge"], e["op"]) for e in a["edges"]] == [(e["edge"], e["op"]) for e in b["edges"]]

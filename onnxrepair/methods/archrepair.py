@@ -22,7 +22,8 @@ Deep Neural Networks." ACM TOSEM 2023 (arXiv 2111.13330). The search follows DAR
 4. **Search**: the repair set is split in half (DARTS): op weights w step on one half, alpha on the other,
    alternating per batch; only the cell is trained, the rest of the network is frozen. The frozen prefix runs once:
    :func:`onnxrepair.graph.split_at` at the block's entry caches its activations, so each step runs the cell
-   and what follows it. The search keeps its best epoch by the checkpoint rule of step 6 (DARTS keeps the last).
+   and what follows it -- for the sets that fit the memory budget's share (below); the others run the prefix
+   again per batch. The search keeps its best epoch by the checkpoint rule of step 6 (DARTS keeps the last).
 5. **Discretisation**: argmax of alpha per edge ("none" included: an edge may disappear); a node whose edges are
    all "none" is zero, and edges leaving it disappear too. If the body would be zero, the best non-"none" op of
    the edge ``x -> last node`` is kept. The chosen op keeps its softmax weight as a constant scale
@@ -119,7 +120,12 @@ twice the tensors autograd saves on a pass of two repair images, plus the model'
 add up to the whole batch's (:func:`_backward`); the cross-entropy and distillation batches are back-propagated one
 after the other, so even an unsplit step holds one of them at a time. The discrete cell's fine-tuning steps, the
 localisation's gradient passes and the scoring passes are sized the same way. The split changes no result beyond
-float rounding (``tests/test_memory.py``); ``info["passes"]`` says how the budget split them.
+float rounding (``tests/test_memory.py``); ``info["passes"]`` says how the budget split them. The data sets at the
+block's entry are kept there (prefix run once) only while together they fit half the budget's pass and a quarter of
+the room left, most used first (repair, distillation, calibration); the others keep their inputs and run the frozen
+prefix per batch -- the same values, more time (:func:`_entry_sets`; ``info["passes"]["entry_cached"]``). On
+ResNet-50 at 224 an early block's entry is 3 MB an image: with 256 training images the cached sets (the repair set
+twice, as itself and as the search's halves) held about 2 GB of the 4.4 GB resident when the search began.
 
 Every op exports to standard ONNX: Conv (grouped for depthwise), Relu, MaxPool, AveragePool, Add, Mul (the kept
 alpha scale of an op without a final conv); the "none" op is never exported (its edge is dropped at discretisation).
@@ -144,7 +150,7 @@ from ..graph.edit import region_nodes, replace_region
 from ..graph.split import ancestors, is_activation
 from ..localize.blocks import (SCORES, Block, find_blocks, gradient_scores, is_conv, pick_block, score_blocks,
                                why_no_blocks)
-from ..memory import activation_cost
+from ..memory import MiB, activation_cost
 from ..nn import first_output, log_probs
 from ..perturb.mixture import PerturbSpec, perturb_all, perturb_mixture
 from ..train import split_calib, train_loop
@@ -373,26 +379,46 @@ def decompose(gm: fx.GraphModule, block: Block) -> tuple[nn.Module, nn.Module | 
 
 @dataclass
 class Cached:
-    cut: torch.Tensor
+    """A data set at the block's entry: the prefix's output (``cut``, ``carried``), or -- where the budget left no
+    room to keep it (:func:`_entry_sets`) -- the model's inputs ``x``, which :class:`Runner` sends through the
+    frozen prefix again for every batch (same values, more time)."""
+
+    cut: torch.Tensor | None
     carried: tuple
     y: torch.Tensor
+    x: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def take(self, idx: torch.Tensor) -> "Cached":
+        if self.cut is None:
+            return Cached(None, (), self.y[idx], self.x[idx])
         n = len(self.y)
         car = tuple(c[idx] if isinstance(c, torch.Tensor) and c.ndim >= 1 and c.shape[0] == n else c for c in self.carried)
         return Cached(self.cut[idx], car, self.y[idx])
 
 
 class Runner:
-    """The model with the cell in place, split at the block's entry: the prefix runs once per data set."""
+    """The model with the cell in place, split at the block's entry: the prefix runs once per data set (or, for a
+    set not kept at the entry, once per batch)."""
 
     def __init__(self, gm: fx.GraphModule, entry: str) -> None:
         self.gm = gm
         node = next(n for n in gm.graph.nodes if n.name == entry)
         self.split = None if node.op == "placeholder" else split_at(gm, entry)
+
+    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> Cached:
+        """``x`` as a set the prefix runs on per batch (nothing held beyond ``x``)."""
+        return Cached(x, (), y) if self.split is None else Cached(None, (), y, x)
+
+    def entry_bytes(self, x: torch.Tensor) -> int:
+        """Bytes one image of ``x`` holds at the block's entry (the cut and the batch-sized carried tensors)."""
+        if self.split is None or not len(x):
+            return 0
+        with torch.no_grad():
+            c, car = self.split.run_prefix(x[:1])
+        return c.nbytes + sum(t.nbytes for t in car if isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == 1)
 
     @torch.no_grad()
     def cache(self, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> Cached:
@@ -414,13 +440,43 @@ class Runner:
         return Cached(torch.cat(cuts), tuple(carried), y)
 
     def __call__(self, d: Cached) -> torch.Tensor:
-        out = self.gm(d.cut) if self.split is None else self.split.run_suffix(d.cut, d.carried)
-        return first_output(out)
+        if self.split is None:
+            return first_output(self.gm(d.cut))
+        cut, carried = d.cut, d.carried
+        if cut is None:
+            with torch.no_grad():  # the prefix is frozen: the same values the cache would hold
+                cut, carried = self.split.run_prefix(d.x)
+        return first_output(self.split.run_suffix(cut, carried))
 
 
-def _batches(d: Cached, batch_size: int, seed: int):
-    order = torch.randperm(len(d), generator=torch.Generator().manual_seed(seed))
-    for i in range(0, len(d), batch_size):
+def _entry_sets(mem, run: Runner, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], batch: int, stage: str) -> tuple[dict[str, Cached], list[str]]:
+    """The data sets at the block's entry, each kept there (prefix run once) while they fit half the budget's pass
+    (``mem.pass_bytes``) and a quarter of the room left, in the order given (most used first); the rest stay inputs
+    the prefix runs on per batch (:class:`Runner`). On ResNet-50 at 224 an early block's entry is 3 MB an image
+    (256 x 56 x 56 floats): the repair set, the distillation set and the calibration sets held 2 GB at the entry,
+    more than plain fine-tuning's whole training. Which sets are kept changes no result, only time."""
+    per = run.entry_bytes(next(iter(sets.values()))[0]) if sets else 0
+    room = max(0, min(mem.pass_bytes // 2, (mem.limit - mem.used()) // 4))
+    out, kept, used = {}, [], 0
+    for name, (x, y) in sets.items():
+        need = int(per * len(x) * mem.margin)
+        if used + need <= room:
+            out[name], used = run.cache(x, y, batch), used + need
+            kept.append(name)
+        else:
+            out[name] = run.inputs(x, y)
+    mem.sizing.append({"stage": stage, "what": "entry cache", "per_item_mb": round(per * mem.margin / MiB, 3),
+                       "wanted": int(sum(len(x) for x, _ in sets.values())),
+                       "chosen": int(sum(len(out[k]) for k in kept)), "room_mb": round(room / MiB, 1), "kept": kept})
+    return out, kept
+
+
+def _batches(d: Cached, batch_size: int, seed: int, idx: torch.Tensor | None = None):
+    """Shuffled batches of ``d`` (of its rows ``idx`` only, where given: a subset without a copy of it)."""
+    order = torch.randperm(len(d) if idx is None else len(idx), generator=torch.Generator().manual_seed(seed))
+    if idx is not None:
+        order = idx[order]
+    for i in range(0, len(order), batch_size):
         yield d.take(order[i : i + batch_size])
 
 
@@ -645,6 +701,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     if cfg.level == "layer":
         target, layer_ranking = _layer_block(gm, block, data["x_fail"], data["y_fail"], kind, example, grad_batch)
     timings["localise"] = time.perf_counter() - t
+    del data["x_fail"], data["x_pass"]  # localisation's only: 0.15 GB of 224 x 224 images on ResNet-50
 
     body, shortcut, act = decompose(gm, target)
     removed = int(sum(p.numel() for p in {id(p): p for p in
@@ -657,9 +714,10 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     c_clean, c_corr = contract.to_model(cu), contract.to_model(perturb_all(cu, spec, gen))
 
     orig_runner = Runner(gm, target.entry)
-    o_clean, o_corr = _acc(orig_runner, orig_runner.cache(c_clean, cy)), _acc(orig_runner, orig_runner.cache(c_corr, cy))
+    infer = mem.fit("archrepair inference", cost.peak_live, 512, what="image")  # the original's and the result's scoring
+    o_clean, o_corr = _acc(orig_runner, orig_runner.inputs(c_clean, cy), infer), _acc(orig_runner, orig_runner.inputs(c_corr, cy), infer)
     search_only_original = set(cfg.ops) <= {ORIGINAL}
-    search_best, search_sizes, search_calib_n = 0, [0, 0], 0
+    search_best, search_sizes, search_calib_n, search_kept = 0, [0, 0], 0, []
     micro = eval_batch = ft_micro = 0
     history: dict[str, list] = {"search": [], "finetune": []}
     edges_report: list[dict] = []
@@ -674,21 +732,19 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         relaxed, skipped = build_relaxed(target, body, shortcut, act, cfg, dev)
         relaxed_model = _with_cell(gm, target, relaxed)
         relaxed_runner = Runner(relaxed_model, target.entry)
-        rep = relaxed_runner.cache(data["x"], data["y"])
         # the search scores its epochs on at most search_calib calibration images (a random subset): evaluating
         # the relaxed cell on all of them cost as much as the search's training steps on 1,000 images
         sc = torch.randperm(len(cy), generator=torch.Generator().manual_seed(inputs.seed + 11))
         sc = sc[: cfg.search_calib] if 0 < cfg.search_calib < len(cy) else sc
-        o_search = _acc(orig_runner, orig_runner.cache(c_clean[sc], cy[sc]))
+        o_search = _acc(orig_runner, orig_runner.inputs(c_clean[sc], cy[sc]), infer)
         search_calib_n = len(sc)
-        cal_clean = relaxed_runner.cache(c_clean[sc], cy[sc])
-        cal_corr = relaxed_runner.cache(c_corr[sc], cy[sc])
-        kd_set = relaxed_runner.cache(data["x_kd"], data["t_kd"]) if cfg.kd > 0 else None
+        sets, search_kept = _entry_sets(mem, relaxed_runner, _sets(data, cfg, c_clean[sc], c_corr[sc], cy[sc]), infer, "archrepair search entry")
+        rep, kd_set, cal_clean, cal_corr = sets["repair"], sets.get("kd"), sets["calib_clean"], sets["calib_corrupted"]
         perm = torch.randperm(len(rep), generator=torch.Generator().manual_seed(inputs.seed + 3))
         half = len(rep) // 2
         cap = cfg.search_images if cfg.search_images > 0 else half
-        w_set, a_set = rep.take(perm[half:][:cap]), rep.take(perm[:half][:cap])
-        search_sizes = [len(w_set), len(a_set)]
+        w_idx, a_idx = perm[half:][:cap], perm[:half][:cap]  # rows of rep (a copy of each half held rep twice)
+        search_sizes = [len(w_idx), len(a_idx)]
         cell_mod = getattr(relaxed_model, CELL_NAME)
         alphas = list(cell_mod.alphas.parameters())
         w_params = [p for n, p in cell_mod.named_parameters() if not n.startswith("alphas")]
@@ -699,8 +755,8 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         micro, eval_batch = _search_passes(mem, relaxed_runner, rep, cfg, kind, cost)
 
         def search_batches(epoch: int):
-            a_iter = _cycle(a_set, cfg.batch_size, inputs.seed * 1000 + epoch + 500)
-            for wb in _batches(w_set, cfg.batch_size, inputs.seed * 1000 + epoch):
+            a_iter = _cycle(rep, cfg.batch_size, inputs.seed * 1000 + epoch + 500, a_idx)
+            for wb in _batches(rep, cfg.batch_size, inputs.seed * 1000 + epoch, w_idx):
                 yield wb, next(a_iter)
 
         def search_step(batch, step: int) -> torch.Tensor:
@@ -722,22 +778,21 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
             return value, info
 
         res = train_loop(relaxed_model, opt_w, search_batches, search_step, epochs=cfg.search_epochs,
-                         n_batches=-(-len(w_set) // cfg.batch_size), score=search_score, keep="best",
+                         n_batches=-(-len(w_idx) // cfg.batch_size), score=search_score, keep="best",
                          state_keys=lambda k: k.startswith(CELL_NAME + "."), before_step=grads.add,
                          batch_len=lambda b: len(b[0]), progress=inputs.progress, label="archrepair search")
         history["search"] = res.history
         search_best = res.best_epoch
         cell, edges_report = discretise(cell_mod, cfg.keep_alpha_scale)
         timings["search"] = time.perf_counter() - t
+        rep = kd_set = cal_clean = cal_corr = kd_iter = sets = None  # the search's sets go before fine-tuning's come
 
     # 6: fine-tune the discrete cell
     t = time.perf_counter()
     model = _with_cell(gm, target, cell)
     runner = Runner(model, target.entry)
-    rep = runner.cache(data["x"], data["y"])
-    cal_clean = runner.cache(c_clean, cy)
-    cal_corr = runner.cache(c_corr, cy)
-    kd_set = runner.cache(data["x_kd"], data["t_kd"]) if cfg.kd > 0 else None
+    sets, ft_kept = _entry_sets(mem, runner, _sets(data, cfg, c_clean, c_corr, cy), infer, "archrepair fine-tune entry")
+    rep, kd_set, cal_clean, cal_corr = sets["repair"], sets.get("kd"), sets["calib_clean"], sets["calib_corrupted"]
     kd_iter = _cycle(kd_set, cfg.batch_size, inputs.seed * 1000 + 950) if kd_set is not None else None
     cell_params = [p for p in getattr(model, CELL_NAME).parameters()]
     if cell_params and cfg.finetune_epochs > 0:
@@ -759,7 +814,7 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
     timings["finetune"] = time.perf_counter() - t
     for p in model.parameters():
         p.requires_grad_(False)
-    r_clean, r_corr = _acc(runner, cal_clean), _acc(runner, cal_corr)
+    r_clean, r_corr = _acc(runner, cal_clean, infer), _acc(runner, cal_corr, infer)
     added = _n_params(getattr(model, CELL_NAME))
     timings["total"] = time.perf_counter() - t_start
 
@@ -780,7 +835,9 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         # how the budget split the passes (the results do not depend on it; per-stage figures: the report's "memory")
         "passes": {"localise_batch": grad_batch, "search_micro_batch": micro if not search_only_original else None,
                    "search_eval_batch": eval_batch if not search_only_original else None, "finetune_micro_batch": ft_micro or None,
-                   "budget_mb": round(mem.limit / 2**20, 1)},
+                   "budget_mb": round(mem.limit / 2**20, 1),
+                   # the sets kept at the block's entry (the others run the frozen prefix per batch: _entry_sets)
+                   "entry_cached": {"search": None if search_only_original else search_kept, "finetune": ft_kept}},
         "kd": cfg.kd,
         "ops_left_out": skipped,
         "repair_data": data["counts"],
@@ -803,6 +860,14 @@ def archrepair(inputs: RepairInputs, cfg: ArchRepairConfig) -> MethodOutput:
         f"seconds: localise {timings['localise']:.1f}, search {timings['search']:.1f}, fine-tune {timings['finetune']:.1f}",
     ]
     return MethodOutput(model=model.eval(), info=info, summary=summary)
+
+
+def _sets(data: dict, cfg: ArchRepairConfig, c_clean, c_corr, cy) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The data sets a cell trains and is scored on, most used first (:func:`_entry_sets` keeps them in this order)."""
+    out = {"repair": (data["x"], data["y"])}
+    if cfg.kd > 0:
+        out["kd"] = (data["x_kd"], data["t_kd"])
+    return {**out, "calib_clean": (c_clean, cy), "calib_corrupted": (c_corr, cy)}
 
 
 def _region_params(gm: fx.GraphModule, block: Block) -> list[nn.Parameter]:
@@ -918,8 +983,8 @@ def _trajectory(search_history: list[dict]) -> dict[str, dict[str, list[float]]]
     return out
 
 
-def _cycle(d: Cached, batch_size: int, seed: int):
+def _cycle(d: Cached, batch_size: int, seed: int, idx: torch.Tensor | None = None):
     k = 0
     while True:
-        yield from _batches(d, batch_size, seed + k)
+        yield from _batches(d, batch_size, seed + k, idx)
         k += 1
