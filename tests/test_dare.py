@@ -348,3 +348,26 @@ def test_cli_bad_histories(tmp_path, capsys, one_torch_thread):
     rc, out = _cli(tmp_path, _softened(tmp_path), "--scan", "all")
     assert rc == 1 and not out.exists()
     assert "no pool input was accepted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attack", ["pgd", "fgsm"])
+def test_selection_attack_crafted_in_parts_is_the_same_as_in_one_pass(attack):
+    """Crafting the selector's attack back-propagates through the whole model, so a memory budget crafts it in parts
+    (issue 19: on ResNet-50 at 224 the 64 images in one pass held 6 GB): every image's examples are those of one pass,
+    PGD's random start drawn for the whole set and sliced."""
+    import converters
+    from conftest import FIXTURES, fixture_path
+
+    from onnxrepair.data import load_dataset
+    from onnxrepair.data.contract import finalize_contract, resolve_contract
+    from onnxrepair.methods.dare import RobustSelector
+
+    data = load_dataset(str(FIXTURES / "data" / "mnist_small.npz")).limit(40, seed=0)
+    conv = converters.convert(fixture_path("torch_lenet_legacy11"))
+    contract = resolve_contract(conv.inputs[0].shape, data.x[:16])
+    finalize_contract(contract, data.x[:16])
+    unit, y = contract.to_unit(data.x), torch.as_tensor(data.y, dtype=torch.long)
+    whole = RobustSelector(unit, y, contract, attack, 0.3, 3, "logits").craft(conv.gm)
+    parts = RobustSelector(unit, y, contract, attack, 0.3, 3, "logits", chunk=7).craft(conv.gm)
+    assert not torch.equal(whole, unit)
+    assert torch.allclose(whole, parts, atol=1e-6)

@@ -263,17 +263,29 @@ class RobustSelector:
     name = "dare-validation-clean+attack"
 
     def __init__(self, unit: torch.Tensor, y: torch.Tensor, contract: InputContract, attack: str, eps: float, seed: int, kind: str,
-                 fixed: torch.Tensor | None = None) -> None:
+                 fixed: torch.Tensor | None = None, chunk: int = 0) -> None:
         self.unit, self.y, self.contract, self.attack, self.eps, self.seed, self.kind = unit, y, contract, attack, eps, seed, kind
         self.base: float | None = None
         self.max_drop = 0.0
         self.fixed = fixed
+        self.chunk = chunk  # images per crafting pass (a memory budget's choice; 0: all at once)
 
     def craft(self, model: nn.Module) -> torch.Tensor:
         """``attack`` examples of the validation images crafted on ``model`` (unit pixel space)."""
         atk = make_attack(self.attack, ModelWithContract(model, self.contract), self.eps, seed=self.seed)
         atk.output_kind = self.kind
-        return atk(self.unit, self.y)
+        n = len(self.unit)
+        if not 0 < self.chunk < n:
+            return atk(self.unit, self.y)
+        # crafted in parts (autograd holds one part's activations): every image's attack is its own, and PGD's random
+        # start is drawn for the whole set and sliced, so the examples are those of one pass
+        start = atk.draw_start(self.unit, self.seed) if getattr(atk, "random_start", False) and hasattr(atk, "start") else None
+        parts = []
+        for lo in range(0, n, self.chunk):
+            if start is not None:
+                atk.start = start[lo : lo + self.chunk]
+            parts.append(atk(self.unit[lo : lo + self.chunk], self.y[lo : lo + self.chunk]))
+        return torch.cat(parts)
 
     @torch.no_grad()
     def _acc(self, model: nn.Module, unit: torch.Tensor) -> float:
@@ -339,8 +351,12 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
     runs = []
     best = None
     val_unit, val_y = contract.to_unit(val.x).to(dev), torch.as_tensor(val.y, dtype=torch.long, device=dev)
+    # crafting the selection attack back-propagates through the whole model: no more images a pass than a training batch
+    mem = inputs.memory
+    chunk = (mem.fit("dare selection attack", mem.cost.saved + mem.cost.peak_live, cfg.batch_size, what="image")
+             if mem is not None and mem.cost is not None else 0)
     make_selector = lambda fixed=None: RobustSelector(val_unit, val_y, contract, cfg.select_attack, cfg.eps, inputs.seed,  # noqa: E731
-                                                      inputs.output_kind, fixed)
+                                                      inputs.output_kind, fixed, chunk)
     fixed = None  # the transfer protocol's examples: crafted once on the original, shared by every grid cell
     if cfg.select_protocol == "transfer":
         fixed = make_selector().craft(copy.deepcopy(inputs.model).to(dev).eval())
@@ -372,7 +388,7 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
     info = dict(res.info)
     info["choice"] = {"on": f"{len(val)} validation images of the pool (calibration split), score = (clean + {cfg.select_protocol} "
                             f"{cfg.select_attack} accuracy at eps {cfg.eps:.4g}) / 2, clean drop <= {cfg.select_max_drop} points",
-                      "cut": res.info["cut"], "slice_keep": res.info["slice"]["keep"], "lr": lr, "epoch": chosen, "steps": chosen * n_batches, "batch_size": cfg.batch_size, "runs": runs}
+                      "cut": res.info["cut"], "slice_keep": res.info["slice"]["keep"], "lr": lr, "epoch": chosen, "steps": chosen * n_batches, "batch_size": cfg.batch_size, "select_attack_chunk": chunk or None, "runs": runs}
     info["mining"] = {k: info["targets"][k] for k in ("pool", "accepted", "dropped", "target_epochs")}
     info["history"] = {"checkpoints": list(history.names), "skipped": list(getattr(history, "skipped", []))}
     info["params_added"] = 0
