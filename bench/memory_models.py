@@ -102,8 +102,11 @@ def export(name: str, out_dir: Path, seed: int = 0) -> Path:
 def history(name: str, out_dir: Path, n: int = 3, seed: int = 0) -> Path:
     """A training history for DARE made by the bench itself: ``n`` checkpoints of the model ``make(name, seed)``
     exports, each its weights plus seeded Gaussian noise of 1 % (checkpoint 0) down to 1/n % of each tensor's
-    spread, BatchNorm statistics kept, exported like the model (``ckpt{i}.onnx``). Only memory and time are measured:
-    DARE holds, converts and runs these like any history."""
+    spread, BatchNorm statistics kept, exported like the model (``ckpt{i}.onnx``); checkpoint ``i`` also favours class
+    ``i``: its output layer's bias for that class is raised far above the logits of a random input, so that DARE's
+    mining accepts inputs of those classes even on a random-weight model whose noisy copies all predict one class (the
+    ResNet-50's did: no input accepted, nothing tuned). Only memory and time are measured: DARE holds, converts and runs
+    these like any history."""
     d = out_dir / f"{name}_history"
     if d.exists() and len(list(d.glob("*.onnx"))) == n:
         return d
@@ -116,6 +119,9 @@ def history(name: str, out_dir: Path, n: int = 3, seed: int = 0) -> Path:
             for p in ck.parameters():
                 if p.numel() > 1:
                     p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.01 * (n - i) / n)
+            head = [m for m in ck.modules() if isinstance(m, torch.nn.Linear)][-1]
+            logits = ck.eval()(torch.rand(2, *shape[1:], generator=g))
+            head.bias[i % head.out_features] += 10 * float(logits.abs().max()) + 100.0  # above any logit of real inputs too
         res = export_graph(ck.eval(), [torch.rand(*shape)], ["input"], ["logits"], exporter="legacy")
         onnx.save(res.model, str(d / f"ckpt{i}.onnx"))
     return d
