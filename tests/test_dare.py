@@ -371,3 +371,30 @@ def test_selection_attack_crafted_in_parts_is_the_same_as_in_one_pass(attack):
     parts = RobustSelector(unit, y, contract, attack, 0.3, 3, "logits", chunk=7).craft(conv.gm)
     assert not torch.equal(whole, unit)
     assert torch.allclose(whole, parts, atol=1e-6)
+
+
+def test_slice_contributions_do_not_depend_on_the_pass_size():
+    """DARE's slice sums per-class contributions over samples: the budget's smaller passes (issue 19) give the same
+    sums to float rounding, so the same synapses are kept."""
+    import converters
+
+    from onnxrepair.data import load_dataset
+    from onnxrepair.data.contract import finalize_contract, resolve_contract
+    from onnxrepair.localize.slices import class_contributions, merge_class_slices, sliceable_layers
+    from onnxrepair.nn import first_output
+
+    data = load_dataset(str(FIXTURES / "data" / "mnist_small.npz")).limit(60, seed=0)
+    conv = converters.convert(fixture_path("torch_lenet_legacy11"))
+    contract = resolve_contract(conv.inputs[0].shape, data.x[:16])
+    finalize_contract(contract, data.x[:16])
+    x, y = contract.to_model(contract.to_unit(data.x)), torch.as_tensor(data.y, dtype=torch.long)
+    layers = sliceable_layers(conv.gm)
+    run = lambda xb: first_output(conv.gm(xb))  # noqa: E731
+    big, n_big = class_contributions(conv.gm, layers, x, y, run, batch_size=64)
+    small, n_small = class_contributions(conv.gm, layers, x, y, run, batch_size=3)
+    assert n_big == n_small
+    for c in big:
+        for n in big[c]:
+            assert torch.allclose(big[c][n], small[c][n], rtol=1e-4, atol=1e-7), (c, n)
+    kb, ks = merge_class_slices(big, 0.5), merge_class_slices(small, 0.5)
+    assert all(torch.equal(kb[n], ks[n]) for n in kb)

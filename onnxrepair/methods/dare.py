@@ -224,6 +224,7 @@ class NNSlicerSlice:
         if not 0 < keep <= 1:
             raise UsageError(f"--slice-keep must be in (0, 1], got {keep}")
         self.keep, self.samples_per_class = keep, samples_per_class
+        self.batch_size = 64  # images per contribution pass (a memory budget may lower it; the sums do not depend on it)
         self._cache = None
 
     def mask(self, ctx: TransformContext):
@@ -241,7 +242,8 @@ class NNSlicerSlice:
             idx.append(ic[torch.randperm(len(ic), generator=g)[: self.samples_per_class]])
         sel = torch.cat(idx).sort().values.to(ctx.device)
         xs, ys = ctx.x_train[sel], ctx.y_train.to(ctx.device)[sel]
-        contrib, counts = class_contributions(ctx.split.model, layers, xs, ys, lambda xb: first_output(ctx.split.model(xb)))
+        contrib, counts = class_contributions(ctx.split.model, layers, xs, ys, lambda xb: first_output(ctx.split.model(xb)),
+                                              batch_size=self.batch_size)
         keep = merge_class_slices(contrib, self.keep)
         mask = synapse_mask(layers, keep)
         info = {"keep": self.keep, "samples_per_class": counts, "merge": "per-class scores normalised per layer, averaged, top keep per layer",
@@ -355,6 +357,9 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
     mem = inputs.memory
     chunk = (mem.fit("dare selection attack", mem.cost.saved + mem.cost.peak_live, cfg.batch_size, what="image")
              if mem is not None and mem.cost is not None else 0)
+    # the slice's contribution passes keep every layer output's gradient beside autograd's saved tensors: twice a pass
+    slice_batch = (mem.fit("dare slice", 2 * (mem.cost.saved + mem.cost.peak_live), 64, what="image")
+                   if mem is not None and mem.cost is not None else 0)
     make_selector = lambda fixed=None: RobustSelector(val_unit, val_y, contract, cfg.select_attack, cfg.eps, inputs.seed,  # noqa: E731
                                                       inputs.output_kind, fixed, chunk)
     fixed = None  # the transfer protocol's examples: crafted once on the original, shared by every grid cell
@@ -364,6 +369,8 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
         targets = HistoryTargets(history, cfg.scan)  # mined once per cut (the targets are activations at the cut)
         for keep in keeps:
             slicer = NNSlicerSlice(keep, cfg.slice_samples)  # one slice per (cut, share), shared by the lrs
+            if slice_batch:
+                slicer.batch_size = slice_batch
             for lr in cfg.lrs:
                 selector = make_selector(fixed)
                 selector.max_drop = cfg.select_max_drop
@@ -388,7 +395,7 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
     info = dict(res.info)
     info["choice"] = {"on": f"{len(val)} validation images of the pool (calibration split), score = (clean + {cfg.select_protocol} "
                             f"{cfg.select_attack} accuracy at eps {cfg.eps:.4g}) / 2, clean drop <= {cfg.select_max_drop} points",
-                      "cut": res.info["cut"], "slice_keep": res.info["slice"]["keep"], "lr": lr, "epoch": chosen, "steps": chosen * n_batches, "batch_size": cfg.batch_size, "select_attack_chunk": chunk or None, "runs": runs}
+                      "cut": res.info["cut"], "slice_keep": res.info["slice"]["keep"], "lr": lr, "epoch": chosen, "steps": chosen * n_batches, "batch_size": cfg.batch_size, "select_attack_chunk": chunk or None, "slice_batch": slice_batch or None, "runs": runs}
     info["mining"] = {k: info["targets"][k] for k in ("pool", "accepted", "dropped", "target_epochs")}
     info["history"] = {"checkpoints": list(history.names), "skipped": list(getattr(history, "skipped", []))}
     info["params_added"] = 0
