@@ -107,15 +107,21 @@ def _take_rows(batch: Batch, lo: int, hi: int) -> Batch:
     raise TypeError(f"cannot split a batch of type {type(batch).__name__} into micro-batches")
 
 
+def budget_rows(memory, stage: str, passes: int, want: int) -> int:
+    """Rows (at most ``want``) one pass of ``stage`` may hold when each row costs ``passes`` times the model's measured
+    per-sample training activations (autograd's saved tensors plus the live ones): ``memory.fit``; 0 (size nothing)
+    when there is no budget or no activation cost to go by."""
+    cost = getattr(memory, "cost", None)
+    if memory is None or cost is None:
+        return 0
+    return memory.fit(stage, passes * (cost.saved + cost.peak_live), want, what="image")
+
+
 def micro_rows(memory, stage: str, views: int, batch_size: int) -> int:
     """Rows per training pass for a step whose every row goes through the model ``views`` times (AugMix: clean and two
-    views): at most what fits ``memory``'s pass (its measured per-sample activation cost times ``views``), and never more
-    rows than hold what one fine-tuning batch of ``batch_size`` holds (``batch_size // views``); 0 (no split) when the
-    budget has no activation cost to go by."""
-    cost = getattr(memory, "cost", None)
-    if memory is None or cost is None or views <= 1:
-        return 0
-    return memory.fit(stage, views * (cost.saved + cost.peak_live), max(1, batch_size // views), what="image")
+    views): at most what fits ``memory``'s pass, and never more rows than hold what one fine-tuning batch of
+    ``batch_size`` holds (``batch_size // views``); 0 (no split) for one view or without an activation cost."""
+    return 0 if views <= 1 else budget_rows(memory, stage, views, max(1, batch_size // views))
 
 
 def train_loop(

@@ -55,7 +55,7 @@ from ..graph import linear_layers, resolve_node, split_at
 from ..localize.slices import class_contributions, merge_class_slices, sliceable_layers, synapse_mask
 from ..nn import first_output
 from ..perturb.attacks import make_attack
-from ..train import split_calib
+from ..train import budget_rows, split_calib
 from ..transform import RegressionData, TransformContext, TuningConfig, run_transform
 from . import MethodOutput, RepairInputs, register
 
@@ -219,12 +219,12 @@ class NNSlicerSlice:
     """DARE's slice (module doc); cached like the targets."""
 
     name = "dare-nnslicer"
+    batch_size = 64  # images per contribution pass (a memory budget may lower it; the sums do not depend on it)
 
-    def __init__(self, keep: float = 0.95, samples_per_class: int = 64) -> None:
+    def __init__(self, keep: float = 0.95, samples_per_class: int = 64, batch_size: int = batch_size) -> None:
         if not 0 < keep <= 1:
             raise UsageError(f"--slice-keep must be in (0, 1], got {keep}")
-        self.keep, self.samples_per_class = keep, samples_per_class
-        self.batch_size = 64  # images per contribution pass (a memory budget may lower it; the sums do not depend on it)
+        self.keep, self.samples_per_class, self.batch_size = keep, samples_per_class, batch_size
         self._cache = None
 
     def mask(self, ctx: TransformContext):
@@ -354,12 +354,9 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
     best = None
     val_unit, val_y = contract.to_unit(val.x).to(dev), torch.as_tensor(val.y, dtype=torch.long, device=dev)
     # crafting the selection attack back-propagates through the whole model: no more images a pass than a training batch
-    mem = inputs.memory
-    chunk = (mem.fit("dare selection attack", mem.cost.saved + mem.cost.peak_live, cfg.batch_size, what="image")
-             if mem is not None and mem.cost is not None else 0)
+    chunk = budget_rows(inputs.memory, "dare selection attack", 1, cfg.batch_size)
     # the slice's contribution passes keep every layer output's gradient beside autograd's saved tensors: twice a pass
-    slice_batch = (mem.fit("dare slice", 2 * (mem.cost.saved + mem.cost.peak_live), 64, what="image")
-                   if mem is not None and mem.cost is not None else 0)
+    slice_batch = budget_rows(inputs.memory, "dare slice", 2, NNSlicerSlice.batch_size)
     make_selector = lambda fixed=None: RobustSelector(val_unit, val_y, contract, cfg.select_attack, cfg.eps, inputs.seed,  # noqa: E731
                                                       inputs.output_kind, fixed, chunk)
     fixed = None  # the transfer protocol's examples: crafted once on the original, shared by every grid cell
@@ -368,9 +365,7 @@ def dare(inputs: RepairInputs, cfg: DareConfig) -> MethodOutput:
     for cut in cuts:  # grid cut x slice share x lr, every cell scored per epoch on the same validation images
         targets = HistoryTargets(history, cfg.scan)  # mined once per cut (the targets are activations at the cut)
         for keep in keeps:
-            slicer = NNSlicerSlice(keep, cfg.slice_samples)  # one slice per (cut, share), shared by the lrs
-            if slice_batch:
-                slicer.batch_size = slice_batch
+            slicer = NNSlicerSlice(keep, cfg.slice_samples, slice_batch or NNSlicerSlice.batch_size)  # one per (cut, share), shared by the lrs
             for lr in cfg.lrs:
                 selector = make_selector(fixed)
                 selector.max_drop = cfg.select_max_drop
